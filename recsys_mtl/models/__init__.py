@@ -1,0 +1,109 @@
+"""The model zoo. Each model takes built EBC(s) and returns ``dict[task, logits]``.
+
+:func:`build_model` is the one place that turns a :class:`~recsys_mtl.config.ModelConfig` and a
+schema into tables + a model (on ``meta`` for sharding); library users can instead construct the
+classes directly with their own ``EmbeddingBagCollection``s.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from recsys_mtl.config import ModelConfig
+from recsys_mtl.data.schema import Schema
+from recsys_mtl.models.mmoe import MMoE, OMoE
+from recsys_mtl.models.ple import CGC, PLE
+from recsys_mtl.models.shared_bottom import SharedBottom, SingleTask
+from recsys_mtl.models.stem import STEMNet
+from recsys_mtl.modules.embeddings import build_ebc
+
+__all__ = ["MMoE", "OMoE", "CGC", "PLE", "SharedBottom", "SingleTask", "STEMNet", "MODELS", "build_model",
+           "stem_specific_features"]
+
+
+def stem_specific_features(schema: Schema, spec: str) -> list[str]:
+    """Features that get task-specific tables: ``all``, ``user``, ``item``, ``none`` or a comma list."""
+    if spec == "all":
+        return schema.sparse_names
+    if spec == "none":
+        return []
+    if spec in ("user", "item"):
+        return [f.name for f in schema.sparse if f.side == spec]
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    missing = [n for n in names if n not in schema.sparse_names]
+    if missing:
+        raise ValueError(f"stem_specific_fields names unknown features {missing}; have {schema.sparse_names}")
+    return names
+
+
+def _single_task(s: Schema, c: ModelConfig, dev: torch.device) -> nn.Module:
+    ebcs = {t: build_ebc(s, c.embedding_dim, prefix=f"task_{t}", device=dev) for t in s.task_names}
+    return SingleTask(ebcs, len(s.dense), c.bottom_layer_sizes, c.tower_layer_sizes)
+
+
+def _shared_bottom(s: Schema, c: ModelConfig, dev: torch.device) -> nn.Module:
+    return SharedBottom(build_ebc(s, c.embedding_dim, device=dev), len(s.dense), s.task_names,
+                        c.bottom_layer_sizes, c.tower_layer_sizes)
+
+
+def _mmoe(s: Schema, c: ModelConfig, dev: torch.device) -> nn.Module:
+    return MMoE(build_ebc(s, c.embedding_dim, device=dev), len(s.dense), s.task_names, c.num_experts,
+                c.expert_layer_sizes, c.tower_layer_sizes)
+
+
+def _omoe(s: Schema, c: ModelConfig, dev: torch.device) -> nn.Module:
+    return OMoE(build_ebc(s, c.embedding_dim, device=dev), len(s.dense), s.task_names, c.num_experts,
+                c.expert_layer_sizes, c.tower_layer_sizes)
+
+
+def _ple(s: Schema, c: ModelConfig, dev: torch.device) -> nn.Module:
+    return PLE(build_ebc(s, c.embedding_dim, device=dev), len(s.dense), s.task_names, c.num_levels,
+               c.num_task_experts, c.num_shared_experts, c.expert_layer_sizes, c.tower_layer_sizes)
+
+
+def _cgc(s: Schema, c: ModelConfig, dev: torch.device) -> nn.Module:
+    return CGC(build_ebc(s, c.embedding_dim, device=dev), len(s.dense), s.task_names,
+               c.num_task_experts, c.num_shared_experts, c.expert_layer_sizes, c.tower_layer_sizes)
+
+
+def _stem(s: Schema, c: ModelConfig, dev: torch.device) -> nn.Module:
+    specific = stem_specific_features(s, c.stem_specific_fields)
+    if not specific:
+        raise ValueError("stem needs at least one task-specific field (stem_specific_fields='none' is not supported)")
+    shared = build_ebc(s, c.embedding_dim, prefix="shared", device=dev)
+    tasks = {t: build_ebc(s, c.embedding_dim, features=specific, prefix=f"task_{t}", device=dev) for t in s.task_names}
+    return STEMNet(shared, tasks, len(s.dense), c.num_shared_experts, c.num_task_experts, c.expert_layer_sizes,
+                   c.gate_layer_sizes, c.tower_layer_sizes, gate_input=c.stem_gate_input,
+                   stop_gradient=c.stem_stop_gradient)
+
+
+MODELS: dict[str, Callable[[Schema, ModelConfig, torch.device], nn.Module]] = {
+    "single_task": _single_task,
+    "shared_bottom": _shared_bottom,
+    "omoe": _omoe,
+    "mmoe": _mmoe,
+    "cgc": _cgc,
+    "ple": _ple,
+    "stem": _stem,
+}
+
+
+def build_model(schema: Schema, config: ModelConfig, device: torch.device | str = "cpu") -> nn.Module:
+    """Tables + model for ``config.name``; pass ``device="meta"`` to shard it afterwards.
+
+    Example::
+
+        >>> from recsys_mtl.testing import tiny_schema
+        >>> m = build_model(tiny_schema(), ModelConfig(name="ple", embedding_dim=4,
+        ...                 expert_layer_sizes=(8,), tower_layer_sizes=(4,)))
+        >>> type(m).__name__
+        'PLE'
+    """
+    if config.name not in MODELS:
+        raise ValueError(f"unknown model {config.name!r}; choose from {', '.join(MODELS)}")
+    dev = torch.device(device)
+    with torch.device(dev):
+        return MODELS[config.name](schema, config, dev)

@@ -1,0 +1,56 @@
+"""Softmax gates, several evaluated as one batched op."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class Gates(nn.Module):
+    """``num_gates`` gates, each ``Linear(D, num_choices)`` + softmax (MMoE / PLE gates).
+
+    Args:
+        in_features (int): input width ``D``.
+        num_choices (int): experts each gate mixes ``E``.
+        num_gates (int): gates ``G``.
+        grouped_input (bool): each gate reads its own slice of a ``G x B x D`` input
+            (instead of one shared ``B x D``); fixed at construction for ``torch.fx`` tracing.
+
+    Example::
+
+        >>> Gates(8, num_choices=3, num_gates=2)(torch.randn(5, 8)).shape
+        torch.Size([2, 5, 3])
+        >>> w = Gates(8, 3, 2, grouped_input=True)(torch.randn(2, 5, 8))
+        >>> bool(torch.allclose(w.sum(-1), torch.ones(2, 5)))
+        True
+    """
+
+    def __init__(self, in_features: int, num_choices: int, num_gates: int = 1, grouped_input: bool = False) -> None:
+        super().__init__()
+        self.grouped_input = grouped_input
+        self.in_features, self.num_choices, self.num_gates = in_features, num_choices, num_gates
+        # Stored in the layout its GEMM reads: D x (G*E) for a shared input, G x D x E grouped.
+        if grouped_input:
+            self.weight = nn.Parameter(torch.empty(num_gates, in_features, num_choices))
+            self.bias = nn.Parameter(torch.empty(num_gates, 1, num_choices))
+        else:
+            self.weight = nn.Parameter(torch.empty(in_features, num_gates * num_choices))
+            self.bias = nn.Parameter(torch.empty(1, num_gates * num_choices))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.in_features)
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ``B x D`` (or ``G x B x D`` with ``grouped_input``) -> ``G x B x E`` scores."""
+        if not self.grouped_input:
+            z = torch.addmm(self.bias, x, self.weight)  # B x (G*E)
+            return z.view(x.shape[0], self.num_gates, self.num_choices).transpose(0, 1)  # G x B x E
+        return torch.baddbmm(self.bias, x, self.weight)  # G x B x E
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.logits(x), dim=-1)  # G x B x E

@@ -1,0 +1,47 @@
+"""The train wrapper: model + loss, in the ``(loss, output)`` form TorchRec's pipelines expect."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from recsys_mtl.train.losses import MultiTaskLoss
+from recsys_mtl.types import MTLBatch
+
+
+class MTLTrainModule(nn.Module):
+    """Wraps a multi-task model (``forward(dense, sparse) -> dict[task, logits]``) with its loss.
+
+    Like TorchRec's ``DLRMTrain``: ``forward(batch)`` returns ``(loss, (loss, logits, labels,
+    label_mask))`` where ``logits`` is ``B x T`` in task order, so ``TrainPipelineSparseDist``
+    can run it and the trainer can feed metrics.
+
+    Args:
+        model (nn.Module): the multi-task model.
+        loss (MultiTaskLoss): its loss.
+
+    Example::
+
+        >>> from recsys_mtl.testing import tiny_schema, tiny_batch
+        >>> from recsys_mtl.models import build_model
+        >>> from recsys_mtl.config import ModelConfig
+        >>> s = tiny_schema()
+        >>> m = MTLTrainModule(build_model(s, ModelConfig(name="mmoe", embedding_dim=4)), MultiTaskLoss(s.tasks))
+        >>> loss, (_, logits, labels, mask) = m(tiny_batch(s, 5))
+        >>> logits.shape
+        torch.Size([5, 2])
+    """
+
+    def __init__(self, model: nn.Module, loss: MultiTaskLoss) -> None:
+        super().__init__()
+        self.model = model
+        self.loss = loss
+        self.task_names = [t.name for t in loss.tasks]
+
+    def forward(
+        self, batch: MTLBatch
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        logits = self.model(batch.dense, batch.sparse)
+        total, _ = self.loss(logits, batch.labels, batch.label_mask)
+        stacked = torch.stack([logits[t] for t in self.task_names], dim=1)  # B x T
+        return total, (total.detach(), stacked.detach(), batch.labels, batch.label_mask)
