@@ -1,0 +1,277 @@
+"""``recsys-mtl``: data generation, distributed training and benchmarks (DESIGN.md §8)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import uuid
+from pathlib import Path
+
+from recsys_mtl.config import (
+    PRESETS,
+    SHARDING_TYPES,
+    ModelConfig,
+    OptimConfig,
+    ShardingConfig,
+    TrainConfig,
+    train_config_from_dict,
+)
+
+MODEL_NAMES = ("single_task", "shared_bottom", "omoe", "mmoe", "cgc", "ple", "stem")
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+
+
+# ---- data ----------------------------------------------------------------------------------
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    data = sub.add_parser("data", help="generate or convert datasets")
+    dsub = data.add_subparsers(dest="data_cmd", required=True)
+    synth = dsub.add_parser("synth", help="write a synthetic dataset (schema.json + parquet)",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    synth.add_argument("kind", choices=["recsys", "mmoe"],
+                       help="recsys: users/items with shared + task-specific preferences; "
+                            "mmoe: the MMoE/PLE synthetic regression benchmark")
+    synth.add_argument("--out", required=True, help="dataset directory to write")
+    synth.add_argument("--rows", type=int, default=None, help="total rows (train + eval)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--eval-fraction", type=float, default=0.1)
+    g = synth.add_argument_group("recsys knobs")
+    g.add_argument("--num-tasks", type=int, default=2)
+    g.add_argument("--num-users", type=int, default=10_000)
+    g.add_argument("--num-items", type=int, default=20_000)
+    g.add_argument("--task-divergence", type=float, default=0.5,
+                   help="0: tasks share one preference; 1: fully task-specific preferences")
+    g.add_argument("--positive-rates", type=_floats, default=None,
+                   help="per-task positive rates, e.g. 0.3,0.05 (like far rarer than click)")
+    g.add_argument("--sample-space", choices=["cvr_after_click"], default=None,
+                   help="task 1 defined only where task 0 is positive (ESMM-style)")
+    g.add_argument("--num-dense", type=int, default=4)
+    g = synth.add_argument_group("mmoe knobs")
+    g.add_argument("--correlation", type=float, default=0.5, help="cosine of the two task weight vectors")
+    g.add_argument("--c", type=float, default=1.0)
+    g.add_argument("--m", type=int, default=10)
+    g.add_argument("--d", type=int, default=512)
+    synth.set_defaults(func=_cmd_synth)
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from recsys_mtl.data.synth import generate_mmoe, generate_recsys
+
+    if args.kind == "recsys":
+        kw = dict(seed=args.seed, eval_fraction=args.eval_fraction, num_tasks=args.num_tasks,
+                  num_users=args.num_users, num_items=args.num_items, task_divergence=args.task_divergence,
+                  positive_rates=args.positive_rates, sample_space=args.sample_space, num_dense=args.num_dense)
+        if args.rows is not None:
+            kw["rows"] = args.rows
+        schema = generate_recsys(args.out, **kw)
+    else:
+        kw = dict(seed=args.seed, eval_fraction=args.eval_fraction, correlation=args.correlation, c=args.c,
+                  m=args.m, d=args.d)
+        if args.rows is not None:
+            kw["rows"] = args.rows
+        schema = generate_mmoe(args.out, **kw)
+    print(f"wrote {args.out}: {len(schema.sparse)} sparse, {len(schema.dense)} dense features, "
+          f"tasks {', '.join(schema.task_names)}")
+    return 0
+
+
+# ---- train ---------------------------------------------------------------------------------
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="train a sharded multi-task model",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Trains a model with TorchRec sharding and TrainPipelineSparseDist. With "
+                    "--nproc-per-node N it starts N local ranks itself; launched by torchrun/torchx it "
+                    "joins their process group. Writes OUT/metrics.json and OUT/sharding_plan.txt.",
+    )
+    p.add_argument("--data", required=True, help="dataset directory (schema.json, train/, eval/)")
+    p.add_argument("--model", choices=MODEL_NAMES, default=None, help="model (default: stem, or the preset's)")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="start from a named preset")
+    p.add_argument("--config", default=None, help="JSON file with a full TrainConfig (flags override it)")
+    p.add_argument("--nproc-per-node", type=int, default=None, help="start this many local ranks")
+    p.add_argument("--nnodes", type=int, default=1,
+                   help="nodes; >1 only under torchx/torchrun (see launch/), which sets up the rendezvous")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="stop after N steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=int, default=None, help="per-rank batch size")
+    p.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps (0: at the end only)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers per rank")
+    p.add_argument("--pipeline", choices=["sparse_dist", "base"], default=None)
+    g = p.add_argument_group("sharding")
+    g.add_argument("--sharding", choices=SHARDING_TYPES, default=None,
+                   help="constrain every table to one sharding type (default: the planner chooses)")
+    g.add_argument("--table-sharding", action="append", default=[], metavar="TABLE=TYPE",
+                   help="per-table sharding type; repeatable")
+    g = p.add_argument_group("optimizers")
+    g.add_argument("--sparse-optimizer", choices=["sgd", "adagrad", "rowwise_adagrad", "adam",
+                                                  "partial_rowwise_adam", "lamb"], default=None,
+                   help="fused optimizer of model-parallel tables (adam/partial_rowwise_adam/lamb: GPU only)")
+    g.add_argument("--sparse-lr", type=float, default=None)
+    g.add_argument("--dense-optimizer", choices=["adam", "adagrad", "sgd"], default=None)
+    g.add_argument("--dense-lr", type=float, default=None)
+    g.add_argument("--grad-clip-norm", type=float, default=None)
+    g = p.add_argument_group("model")
+    g.add_argument("--embedding-dim", type=int, default=None)
+    g.add_argument("--expert-layer-sizes", type=_sizes, default=None, metavar="256,128")
+    g.add_argument("--tower-layer-sizes", type=_sizes, default=None, metavar="64")
+    g.add_argument("--bottom-layer-sizes", type=_sizes, default=None, metavar="256,128")
+    g.add_argument("--gate-layer-sizes", type=_sizes, default=None, metavar="128,64")
+    g.add_argument("--num-experts", type=int, default=None, help="MMoE/OMoE experts")
+    g.add_argument("--num-task-experts", type=int, default=None)
+    g.add_argument("--num-shared-experts", type=int, default=None)
+    g.add_argument("--num-levels", type=int, default=None, help="PLE levels")
+    g.add_argument("--stem-gate-input", choices=["concat", "sum", "task", "shared"], default=None)
+    g.add_argument("--stem-no-stop-gradient", action="store_true", help="STEM ablation: no stop-gradient")
+    g.add_argument("--stem-specific-fields", default=None,
+                   help="task-specific tables for: all, user, item or a comma list of features")
+    p.set_defaults(func=_cmd_train)
+
+
+_MODEL_FLAGS = ("embedding_dim", "expert_layer_sizes", "tower_layer_sizes", "bottom_layer_sizes",
+                "gate_layer_sizes", "num_experts", "num_task_experts", "num_shared_experts", "num_levels",
+                "stem_gate_input", "stem_specific_fields")
+_OPTIM_FLAGS = ("sparse_optimizer", "sparse_lr", "dense_optimizer", "dense_lr", "grad_clip_norm")
+_TRAIN_FLAGS = ("epochs", "steps", "batch_size", "eval_every", "seed", "num_workers", "pipeline")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """TrainConfig from (preset or --config) then the explicit flags."""
+    if args.config:
+        cfg = train_config_from_dict(json.loads(Path(args.config).read_text()))
+        cfg = dataclasses.replace(cfg, data=args.data, output_dir=args.output_dir)
+    elif args.preset:
+        cfg = PRESETS[args.preset](args.data, args.output_dir)
+    else:
+        cfg = TrainConfig(data=args.data, output_dir=args.output_dir)
+    model_kw = {k: getattr(args, k) for k in _MODEL_FLAGS if getattr(args, k) is not None}
+    if args.model:
+        model_kw["name"] = args.model
+    if args.stem_no_stop_gradient:
+        model_kw["stem_stop_gradient"] = False
+    optim_kw = {k: getattr(args, k) for k in _OPTIM_FLAGS if getattr(args, k) is not None}
+    train_kw = {k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k) is not None}
+    per_table = dict(cfg.sharding.per_table)
+    for item in args.table_sharding:
+        if "=" not in item:
+            raise SystemExit(f"--table-sharding expects TABLE=TYPE, got {item!r}")
+        name, st = item.split("=", 1)
+        per_table[name] = st
+    sharding = ShardingConfig(
+        sharding_type=args.sharding if args.sharding else cfg.sharding.sharding_type, per_table=per_table
+    )
+    return dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, **model_kw),
+        optim=dataclasses.replace(cfg.optim, **optim_kw),
+        sharding=sharding,
+        **train_kw,
+    )
+
+
+def _train_entry(cfg_dict: dict) -> None:
+    # Module-level so the elastic launcher can pickle it into each rank.
+    from recsys_mtl.train.loop import train
+
+    train(train_config_from_dict(cfg_dict))
+
+
+def _inside_launcher() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    try:
+        cfg = config_from_args(args)
+    except (ValueError, TypeError) as e:
+        print(f"recsys-mtl train: error: {e}", file=sys.stderr)
+        return 2
+    from recsys_mtl.data.schema import Schema, SchemaError
+
+    try:
+        Schema.load(cfg.data)
+    except SchemaError as e:
+        print(f"recsys-mtl train: error: {e}", file=sys.stderr)
+        return 2
+    if _inside_launcher() or not args.nproc_per_node:
+        if args.nnodes > 1 and not _inside_launcher():
+            print("recsys-mtl train: error: --nnodes > 1 needs torchx/torchrun (see launch/components.py)",
+                  file=sys.stderr)
+            return 2
+        _train_entry(cfg.to_dict())
+        return 0
+    if args.nnodes > 1:
+        print("recsys-mtl train: error: multi-node jobs are launched with torchx/torchrun "
+              "(see README 'Launching on a cluster'); --nproc-per-node starts local ranks only", file=sys.stderr)
+        return 2
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from recsys_mtl.distributed.env import free_port
+
+    launch = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=args.nproc_per_node, run_id=f"recsys-mtl-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}", max_restarts=0, monitor_interval=0.5,
+    )
+    elastic_launch(launch, _train_entry)(cfg.to_dict())
+    return 0
+
+
+# ---- bench ---------------------------------------------------------------------------------
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="training throughput on a DESIGN.md §7 workload, optionally vs peers",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("workload", choices=["w1", "w2"])
+    p.add_argument("--peers", action="store_true", help="also run the plain-PyTorch and torch-rechub peers")
+    p.add_argument("--output", default=None, help="write the result JSON here")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per contender")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps per contender")
+    p.add_argument("--batch-size", type=int, default=None, help="override the workload's batch size")
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from recsys_mtl.bench import run_bench
+
+    run_bench(args.workload, peers=args.peers, output=args.output, steps=args.steps, warmup=args.warmup,
+              batch_size=args.batch_size)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="recsys-mtl",
+        description="TorchRec-native multi-task recommendation: data, sharded training, benchmarks.",
+    )
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    _add_data(sub)
+    _add_train(sub)
+    _add_bench(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
