@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recsys_mtl.modules.embeddings import ebc_out_features, feature_slices
+from recsys_mtl.modules.embeddings import ebc_out_features, embedded_features
 from recsys_mtl.modules.experts import Experts
 from recsys_mtl.modules.mlp import MLP, Tower
 
@@ -88,34 +88,22 @@ class STEMNet(nn.Module):
         self.stop_gradient = stop_gradient
         self.n, self.m = num_task_experts, num_shared_experts
 
-        shared_slices = feature_slices(shared_embedding_bag_collection)
-        specific = None
+        self.features = embedded_features(shared_embedding_bag_collection)
+        specific: list[str] | None = None
+        dims = {c.feature_names[0]: c.embedding_dim for c in shared_embedding_bag_collection.embedding_bag_configs()}
         for t, ebc in task_embedding_bag_collections.items():
-            feats = list(feature_slices(ebc))
-            if specific is not None and feats != specific:
+            feats = embedded_features(ebc)
+            if specific is not None and sorted(feats) != sorted(specific):
                 raise ValueError(f"every task table set must cover the same features; {t} has {feats}")
             specific = feats
-            unknown = set(feats) - set(shared_slices)
+            unknown = set(feats) - set(self.features)
             if unknown:
                 raise ValueError(f"task {t} tables embed features {sorted(unknown)} absent from the shared tables")
-        self.specific_features = specific or []
-        # Task branch input, in the shared output's feature order: each feature's columns come
-        # from the task tables when it is task-specific, else from the shared tables. Stored as
-        # runs (source, start, end) merged where contiguous in the same source.
-        task_slices = feature_slices(next(iter(task_embedding_bag_collections.values())))
-        runs: list[tuple[str, int, int]] = []
-        for feat, (a, b) in shared_slices.items():
-            if feat in task_slices:
-                if task_slices[feat][1] - task_slices[feat][0] != b - a:
-                    raise ValueError(f"feature {feat!r}: task and shared tables differ in embedding_dim")
-                src, (a, b) = "task", task_slices[feat]
-            else:
-                src = "shared"
-            if runs and runs[-1][0] == src and runs[-1][2] == a:
-                runs[-1] = (src, runs[-1][1], b)
-            else:
-                runs.append((src, a, b))
-        self._runs = runs
+            for cfg in ebc.embedding_bag_configs():
+                for f in cfg.feature_names:
+                    if cfg.embedding_dim != dims.get(f, cfg.embedding_dim):
+                        raise ValueError(f"feature {f!r}: task and shared tables differ in embedding_dim")
+        self.specific_features = set(specific or [])
         d = ebc_out_features(shared_embedding_bag_collection) + dense_in_features
         t = len(self.tasks)
         self.task_experts = Experts(d, expert_layer_sizes, num_task_experts, t, grouped_input=True)
@@ -133,13 +121,13 @@ class STEMNet(nn.Module):
 
     def embed(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the shared input ``B x D`` and the stacked task inputs ``T x B x D``."""
-        shared_emb = self.shared_ebc(sparse).values()  # B x sum(D)
+        shared = self.shared_ebc(sparse).to_dict()  # feature -> B x D_f
         dense_part = [dense] if self.dense_in_features > 0 else []
-        x_s = torch.cat([shared_emb] + dense_part, dim=1) if dense_part else shared_emb  # B x D
+        x_s = torch.cat([shared[f] for f in self.features] + dense_part, dim=1)  # B x D
         x_t = []
         for t in self.tasks:
-            task_emb = self.task_ebcs[t](sparse).values()  # B x sum(D_specific)
-            parts = [(task_emb if src == "task" else shared_emb)[:, a:b] for src, a, b in self._runs]
+            own = self.task_ebcs[t](sparse).to_dict()  # specific feature -> B x D_f
+            parts = [own[f] if f in self.specific_features else shared[f] for f in self.features]
             x_t.append(torch.cat(parts + dense_part, dim=1))  # B x D, same column order as x_s
         return x_s, torch.stack(x_t)  # B x D, T x B x D
 

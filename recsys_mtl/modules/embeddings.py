@@ -63,14 +63,13 @@ def build_ebc(
     return EmbeddingBagCollection(tables=tables, device=torch.device(device) if device else None)
 
 
-def feature_slices(ebc: nn.Module) -> dict[str, tuple[int, int]]:
-    """Column range of each feature in the ``B x sum(D)`` output of ``ebc`` (sharded or not)."""
-    out, start = {}, 0
-    for cfg in ebc.embedding_bag_configs():
-        for feat in cfg.feature_names:
-            out[feat] = (start, start + cfg.embedding_dim)
-            start += cfg.embedding_dim
-    return out
+def embedded_features(ebc: nn.Module) -> list[str]:
+    """Feature names of ``ebc`` in table-config order (the order models concatenate them in).
+
+    A sharded EBC may return its ``KeyedTensor`` keys in another order (grouped by sharding
+    and pooling), so models select features by name, never by column position.
+    """
+    return [feat for cfg in ebc.embedding_bag_configs() for feat in cfg.feature_names]
 
 
 def ebc_out_features(ebc: nn.Module) -> int:
@@ -98,10 +97,10 @@ class SparseDenseInput(nn.Module):
         super().__init__()
         self.ebc = embedding_bag_collection
         self.dense_in_features = dense_in_features
+        self.features = embedded_features(embedding_bag_collection)
         self.out_features = ebc_out_features(embedding_bag_collection) + dense_in_features
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        emb = self.ebc(sparse).values()  # B x sum(D)
-        if self.dense_in_features > 0:
-            return torch.cat([emb, dense], dim=1)  # B x (sum(D) + F)
-        return emb
+        emb = self.ebc(sparse).to_dict()  # feature -> B x D_f
+        parts = [emb[f] for f in self.features] + ([dense] if self.dense_in_features > 0 else [])
+        return torch.cat(parts, dim=1)  # B x (sum(D) + F)
