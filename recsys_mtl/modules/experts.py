@@ -85,16 +85,23 @@ class Experts(nn.Module):
             nn.init.uniform_(getattr(self, f"weight_{i}"), -bound, bound)
             nn.init.uniform_(getattr(self, f"bias_{i}"), -bound, bound)
 
-    def expert_parameters(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views of one expert's ``D_in x D_out`` weight and ``D_out`` bias (for tests and inspection)."""
-        d_in, d_out = self._sizes[layer], self._sizes[layer + 1]
-        w, b = getattr(self, f"weight_{layer}"), getattr(self, f"bias_{layer}")
+    def expert_index(self, layer: int, expert: int) -> tuple[tuple, tuple]:
+        """Indices of one expert's ``D_in x D_out`` weight and ``D_out`` bias inside the
+        parameters ``weight_{layer}`` / ``bias_{layer}`` (apply them to ``.grad`` too)."""
+        d_out = self._sizes[layer + 1]
         if layer > 0:
-            return w[expert], b[expert, 0]
+            return (expert,), (expert, 0)
         if self.grouped_input:
             grp, j = divmod(expert, self.num_experts)
-            return w[grp, :, j * d_out : (j + 1) * d_out], b[grp, 0, j * d_out : (j + 1) * d_out]
-        return w[:, expert * d_out : (expert + 1) * d_out], b[0, expert * d_out : (expert + 1) * d_out]
+            cols = slice(j * d_out, (j + 1) * d_out)
+            return (grp, slice(None), cols), (grp, 0, cols)
+        cols = slice(expert * d_out, (expert + 1) * d_out)
+        return (slice(None), cols), (0, cols)
+
+    def expert_parameters(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of one expert's ``D_in x D_out`` weight and ``D_out`` bias."""
+        wi, bi = self.expert_index(layer, expert)
+        return getattr(self, f"weight_{layer}")[wi], getattr(self, f"bias_{layer}")[bi]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args:
