@@ -189,9 +189,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def _train_entry(cfg_dict: dict) -> None:
     # Module-level so the elastic launcher can pickle it into each rank.
+    from recsys_mtl.data.schema import SchemaError
     from recsys_mtl.train.loop import train
 
-    train(train_config_from_dict(cfg_dict))
+    try:
+        train(train_config_from_dict(cfg_dict))
+    except SchemaError as e:  # bad data found while reading: one clear line, then fail the rank
+        print(f"recsys-mtl train: data error on rank {os.environ.get('RANK', 0)}: {e}", file=sys.stderr, flush=True)
+        raise
 
 
 def _inside_launcher() -> bool:
@@ -204,10 +209,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as e:
         print(f"recsys-mtl train: error: {e}", file=sys.stderr)
         return 2
-    from recsys_mtl.data.schema import Schema, SchemaError
+    from recsys_mtl.data.reader import check_dataset
+    from recsys_mtl.data.schema import SchemaError
 
     try:
-        Schema.load(cfg.data)
+        check_dataset(cfg.data)  # footers and column types only: fails fast, before any rank starts
     except SchemaError as e:
         print(f"recsys-mtl train: error: {e}", file=sys.stderr)
         return 2
@@ -230,7 +236,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
         min_nodes=1, max_nodes=1, nproc_per_node=args.nproc_per_node, run_id=f"recsys-mtl-{uuid.uuid4().hex[:8]}",
         rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}", max_restarts=0, monitor_interval=0.5,
     )
-    elastic_launch(launch, _train_entry)(cfg.to_dict())
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    try:
+        elastic_launch(launch, _train_entry)(cfg.to_dict())
+    except ChildFailedError as e:
+        first = next(iter(e.failures.values()))
+        print(f"recsys-mtl train: error: rank {first.rank} failed (exit code {first.exitcode}); "
+              f"its traceback is above", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -341,6 +341,19 @@ def _scan(files: list[Path], schema: Schema) -> list[_Unit]:
                 units.append(_Unit(i, g, offset, n))
             offset += n
     return units
+
+
+def check_dataset(dataset_dir: str | Path, schema: Schema | None = None,
+                  splits: Sequence[str] = ("train", "eval")) -> dict[str, int]:
+    """Cheap pre-flight check before a job starts: every file of every split opens, has rows and
+    the schema's columns with the right types (footers only; values are checked while reading).
+
+    Returns:
+        dict[str, int]: rows per split. Raises :class:`DataError` naming the bad file/column.
+    """
+    schema = schema or Schema.load(dataset_dir)
+    return {split: sum(u.num_rows for u in _scan(list_parquet_files(dataset_dir, split), schema))
+            for split in splits}
 
 
 def count_rows(dataset_dir: str | Path, split: str) -> int:

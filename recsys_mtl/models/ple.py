@@ -76,15 +76,23 @@ class ExtractionLayer(nn.Module):
         shared_out = self.shared_experts(shared_input)  # m x B x H
         bsz, h = shared_out.shape[1], shared_out.shape[2]
         own = task_out.view(t, n, bsz, h)  # T x n x B x H
-        weights = self.task_gates(task_inputs)  # T x B x (n+m)
-        # Mixing own and shared experts separately avoids materialising T copies of the shared ones.
-        task_mixed = torch.einsum("tbn,tnbh->tbh", weights[..., :n], own) + torch.einsum(
-            "tbm,mbh->tbh", weights[..., n:], shared_out
-        )  # T x B x H
+        weights = self.task_gates(task_inputs).unsqueeze(-1)  # T x B x (n+m) x 1
+        # The mixtures contract over only n+m (or T*n+m) experts: a multiply-accumulate per expert
+        # reads each expert output once, where an einsum would lower to thousands of tiny bmms
+        # after permuting copies. Shared experts broadcast over T instead of being copied T times.
+        task_mixed = weights[:, :, 0] * own[:, 0]  # T x B x H
+        for i in range(1, n):
+            task_mixed = task_mixed + weights[:, :, i] * own[:, i]  # T x B x H
+        for j in range(m):
+            task_mixed = task_mixed + weights[:, :, n + j] * shared_out[j]  # T x B x H
         shared_mixed = None
         if self.shared_gate is not None:
-            w_s = self.shared_gate(shared_input)[0]  # B x (T*n+m)
-            shared_mixed = torch.einsum("be,ebh->bh", w_s, torch.cat([task_out, shared_out], 0))  # B x H
+            w_s = self.shared_gate(shared_input)[0].unsqueeze(-1)  # B x (T*n+m) x 1
+            shared_mixed = w_s[:, 0] * task_out[0]  # B x H
+            for e in range(1, t * n):
+                shared_mixed = shared_mixed + w_s[:, e] * task_out[e]  # B x H
+            for j in range(m):
+                shared_mixed = shared_mixed + w_s[:, t * n + j] * shared_out[j]  # B x H
         return task_mixed, shared_mixed
 
 

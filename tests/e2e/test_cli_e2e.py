@@ -60,3 +60,45 @@ def test_torchx_launch_stem(dataset: Path, tmp_path: Path) -> None:
           "--nproc_per_node", "2", "--rdzv_port", "29631", "--", "--data", str(dataset), "--model", "stem",
           "--preset", "quickstart", "--output-dir", str(out), "--epochs", "2"])
     _check_metrics(out, "stem")
+
+
+def _copy_dataset(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.e2e
+def test_corrupted_parquet_fails_fast_with_file_named(dataset: Path, tmp_path: Path) -> None:
+    bad = _copy_dataset(dataset, tmp_path / "bad")
+    part = sorted((bad / "train").glob("*.parquet"))[0]
+    part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])  # truncated file
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    proc = subprocess.run([str(BIN / "recsys-mtl"), "train", "--data", str(bad), "--model", "mmoe", "--output-dir",
+                           str(tmp_path / "out"), "--nproc-per-node", "2"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2
+    assert str(part) in proc.stderr and "corrupted parquet" in proc.stderr
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+@pytest.mark.e2e
+def test_out_of_range_id_stops_training_with_clear_error(dataset: Path, tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    bad = _copy_dataset(dataset, tmp_path / "bad_ids")
+    part = sorted((bad / "train").glob("*.parquet"))[0]
+    table = pq.read_table(part)
+    ids = table.column("item_id").to_numpy().copy()
+    ids[5] = 10**9
+    table = table.set_column(table.schema.get_field_index("item_id"), "item_id", pa.array(ids, pa.int64()))
+    pq.write_table(table, part, row_group_size=16_384)
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    proc = subprocess.run([str(BIN / "recsys-mtl"), "train", "--data", str(bad), "--model", "mmoe", "--output-dir",
+                           str(tmp_path / "out"), "--nproc-per-node", "2", "--steps", "3"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "data error" in proc.stderr and "item_id" in proc.stderr and str(part) in proc.stderr
+    assert not (tmp_path / "out" / "metrics.json").exists()
