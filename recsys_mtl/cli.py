@@ -248,6 +248,67 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- compare -------------------------------------------------------------------------------
+
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compare", help="train models x seeds on one dataset and tabulate them",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Trains every model for every seed (sharded, on --nproc-per-node local ranks or "
+                    "the torchx/torchrun job it runs in) and writes OUT/results.csv, OUT/results.md "
+                    "(mean ± std, MTL gain vs single_task, #params) and OUT/results.png. Arguments after "
+                    "'--' are `recsys-mtl train` flags applied to every run, e.g. -- --epochs 2 --batch-size 512.",
+    )
+    p.add_argument("--data", required=True)
+    p.add_argument("--models", required=True, help="comma-separated model names")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..K-1 per model")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--nproc-per-node", type=int, default=None, help="start this many local ranks")
+    p.add_argument("--no-single-task", action="store_true",
+                   help="do not add the single_task baseline (then no MTL gain is reported)")
+    p.add_argument("train_args", nargs=argparse.REMAINDER, help="-- followed by `recsys-mtl train` flags")
+    p.set_defaults(func=_cmd_compare)
+
+
+def _compare_entry(payload: dict) -> None:
+    from recsys_mtl.compare import compare
+
+    compare(train_config_from_dict(payload["config"]), payload["models"], payload["seeds"])
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in models if m not in MODEL_NAMES]
+    if unknown:
+        print(f"recsys-mtl compare: error: unknown models {unknown}; choose from {', '.join(MODEL_NAMES)}",
+              file=sys.stderr)
+        return 2
+    if not args.no_single_task and "single_task" not in models:
+        models.insert(0, "single_task")
+    extra = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
+    train_args = build_parser().parse_args(["train", "--data", args.data, "--output-dir", args.output_dir, *extra])
+    try:
+        cfg = config_from_args(train_args)
+    except (ValueError, TypeError) as e:
+        print(f"recsys-mtl compare: error: {e}", file=sys.stderr)
+        return 2
+    payload = {"config": cfg.to_dict(), "models": models, "seeds": args.seeds}
+    if _inside_launcher() or not args.nproc_per_node:
+        _compare_entry(payload)
+        return 0
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from recsys_mtl.distributed.env import free_port
+
+    launch = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=args.nproc_per_node, run_id=f"recsys-mtl-cmp-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}", max_restarts=0, monitor_interval=0.5,
+    )
+    elastic_launch(launch, _compare_entry)(payload)
+    print(f"compare: wrote {Path(args.output_dir) / 'results.md'}:\n{(Path(args.output_dir) / 'results.md').read_text()}")
+    return 0
+
+
 # ---- bench ---------------------------------------------------------------------------------
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
@@ -278,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="cmd", required=True)
     _add_data(sub)
     _add_train(sub)
+    _add_compare(sub)
     _add_bench(sub)
     return parser
 

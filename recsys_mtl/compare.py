@@ -1,0 +1,140 @@
+"""``recsys-mtl compare``: train models x seeds on one dataset and tabulate them.
+
+Every run is an ordinary sharded training run (``recsys_mtl.train.loop.train``) on the current
+process group, so the comparison works on any world size; the runs share one launch. Rank 0
+writes ``OUT/results.csv`` (one row per model x seed x task), ``OUT/results.md`` (mean ± std per
+task, MTL gain vs single-task per PLE Eq. 11, #params) and ``OUT/results.png`` (bar chart).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from recsys_mtl.analysis import mtl_gain
+from recsys_mtl.config import TrainConfig
+from recsys_mtl.data.schema import Schema
+
+BASELINE = "single_task"
+
+
+def count_parameters(schema: Schema, cfg: TrainConfig) -> int:
+    """Parameters (embedding rows x dim + dense) of ``cfg.model``, counted on ``meta``."""
+    from recsys_mtl.models import build_model
+
+    return sum(p.numel() for p in build_model(schema, cfg.model, device="meta").parameters())
+
+
+def run_configs(base: TrainConfig, models: Sequence[str], seeds: int) -> list[TrainConfig]:
+    """One config per model x seed, each writing to ``OUT/runs/MODEL/seedS``."""
+    out = Path(base.output_dir)
+    return [
+        dataclasses.replace(
+            base, seed=seed, output_dir=str(out / "runs" / m / f"seed{seed}"),
+            model=dataclasses.replace(base.model, name=m),
+        )
+        for m in models
+        for seed in range(seeds)
+    ]
+
+
+def compare(base: TrainConfig, models: Sequence[str], seeds: int) -> list[dict] | None:
+    """Trains every model x seed on the current process group; rank 0 writes the reports and
+    returns the per-run metrics (None on other ranks)."""
+    from recsys_mtl.train.loop import train
+
+    results = []
+    for cfg in run_configs(base, models, seeds):
+        metrics = train(cfg)
+        if metrics is not None:
+            results.append(metrics)
+    if not results:
+        return None
+    schema = Schema.load(base.data)
+    params = {m: count_parameters(schema, dataclasses.replace(base, model=dataclasses.replace(base.model, name=m)))
+              for m in models}
+    write_reports(Path(base.output_dir), results, schema, list(models), params)
+    return results
+
+
+def _metric_of(task_kind: str) -> tuple[str, bool]:
+    return ("auc", True) if task_kind == "binary" else ("mse", False)
+
+
+def summarise(results: list[dict], schema: Schema, models: list[str]) -> dict[str, dict[str, dict[str, float]]]:
+    """``{model: {task: {"mean", "std", "n", "gain"}}}`` of each task's main metric (AUC / MSE)."""
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    for m in models:
+        table[m] = {}
+        for t in schema.tasks:
+            key, _ = _metric_of(t.kind)
+            vals = np.array([r["tasks"][t.name][key] for r in results if r["model"] == m])
+            table[m][t.name] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0,
+                                "n": float(len(vals))}
+    if BASELINE in table:
+        for m in models:
+            for t in schema.tasks:
+                _, higher = _metric_of(t.kind)
+                table[m][t.name]["gain"] = mtl_gain(table[m][t.name]["mean"], table[BASELINE][t.name]["mean"], higher)
+    return table
+
+
+def write_reports(out: Path, results: list[dict], schema: Schema, models: list[str], params: dict[str, int]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["model", "seed", "task", "metric", "value", "logloss", "steps", "samples_per_s", "params"])
+        for r in results:
+            for t in schema.tasks:
+                key, _ = _metric_of(t.kind)
+                m = r["tasks"][t.name]
+                w.writerow([r["model"], r["config"]["seed"], t.name, key, m[key], m.get("logloss", ""), r["steps"],
+                            round(r["samples_per_s"], 1), params[r["model"]]])
+    table = summarise(results, schema, models)
+    (out / "summary.json").write_text(json.dumps(table, indent=2))
+    lines = [f"dataset `{results[0]['config']['data']}`, {int(max(v['n'] for mt in table.values() for v in mt.values()))} "
+             f"seed(s) per model; mean ± std; MTL gain = PLE Eq. 11 vs `{BASELINE}`"
+             + ("" if BASELINE in table else " (not run)"), ""]
+    header = ["model", "#params"]
+    for t in schema.tasks:
+        key, _ = _metric_of(t.kind)
+        header += [f"{t.name} {key.upper()}", f"{t.name} gain"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for m in models:
+        row = [m, f"{params[m]:,}"]
+        for t in schema.tasks:
+            s = table[m][t.name]
+            row += [f"{s['mean']:.4f} ± {s['std']:.4f}", f"{s['gain']:+.4f}" if "gain" in s else "-"]
+        lines.append("| " + " | ".join(row) + " |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    plot_comparison(table, schema, out / "results.png")
+
+
+def plot_comparison(table: dict, schema: Schema, path: Path) -> Path:
+    from recsys_mtl.analysis import _pyplot
+
+    plt = _pyplot()
+    models = list(table)
+    fig, axes = plt.subplots(1, len(schema.tasks), figsize=(4 + 1.2 * len(models), 3.5), squeeze=False)
+    for ax, t in zip(axes[0], schema.tasks):
+        key, _ = _metric_of(t.kind)
+        means = [table[m][t.name]["mean"] for m in models]
+        stds = [table[m][t.name]["std"] for m in models]
+        ax.bar(range(len(models)), means, yerr=stds, capsize=3, color="tab:blue")
+        ax.set_xticks(range(len(models)))
+        ax.set_xticklabels(models, rotation=30, ha="right")
+        finite = [v for v in means if math.isfinite(v)]
+        spread = (max(finite) - min(finite)) if finite else 0
+        if finite:
+            ax.set_ylim(min(finite) - max(spread, 0.01), max(finite) + max(spread, 0.01))
+        ax.set_title(f"{t.name} {key.upper()}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
