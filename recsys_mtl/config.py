@@ -103,6 +103,11 @@ class TrainConfig:
         num_workers: DataLoader workers per rank.
         log_every: progress bar refresh period in steps.
         pipeline: ``sparse_dist`` (TrainPipelineSparseDist) or ``base`` (no overlap).
+        checkpoint_dir: DCP checkpoint directory (on a filesystem every rank sees); the run
+            resumes from its newest valid checkpoint when there is one. None: no checkpoints.
+        checkpoint_every_steps: save every N steps (None: only at the end / by time).
+        checkpoint_every_minutes: also save when this many minutes passed since the last save.
+        keep_last: checkpoints kept in ``checkpoint_dir`` (older ones are deleted).
     """
 
     data: str
@@ -115,6 +120,10 @@ class TrainConfig:
     num_workers: int = 0
     log_every: int = 10
     pipeline: str = "sparse_dist"
+    checkpoint_dir: str | None = None
+    checkpoint_every_steps: int | None = None
+    checkpoint_every_minutes: float | None = None
+    keep_last: int = 3
     model: ModelConfig = field(default_factory=ModelConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -173,8 +182,8 @@ def quickstart(data: str, output_dir: str) -> TrainConfig:
         batch_size=1024,
         epochs=3,
         model=ModelConfig(
-            name="stem", embedding_dim=16, expert_layer_sizes=(128, 64), tower_layer_sizes=(32,),
-            gate_layer_sizes=(64,), num_shared_experts=2, num_task_experts=1,
+            name="stem", embedding_dim=16, bottom_layer_sizes=(128, 64), expert_layer_sizes=(128, 64),
+            tower_layer_sizes=(32,), gate_layer_sizes=(64,), num_shared_experts=2, num_task_experts=1,
         ),
     )
 
