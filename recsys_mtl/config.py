@@ -21,18 +21,25 @@ class ModelConfig:
     Args:
         name: lowercase paper name (``stem``, ``ple``, ``mmoe``, ...; see ``recsys_mtl.models.MODELS``).
         embedding_dim: width of every embedding table.
-        bottom_layer_sizes: Shared-Bottom / single-task MLP widths.
+        bottom_layer_sizes: Shared-Bottom / single-task MLP widths; also the per-task bottoms of
+            asymmetric/customized sharing, the columns of cross-stitch/sluice, AITM's task towers,
+            and (followed by ``tower_layer_sizes``) ESMM's per-task networks.
         expert_layer_sizes: each expert's MLP widths.
         tower_layer_sizes: tower hidden widths.
         gate_layer_sizes: STEM-Net gate MLP widths.
-        num_experts: MMoE/OMoE experts.
-        num_task_experts: PLE/CGC/STEM task-specific experts per task.
-        num_shared_experts: PLE/CGC/STEM shared experts.
-        num_levels: PLE extraction levels.
+        num_experts: MMoE/OMoE experts; ML-MMoE experts per level; ME-MMoE experts (one table set each).
+        num_task_experts: PLE/CGC/ME-PLE/STEM task-specific experts per task.
+        num_shared_experts: PLE/CGC/ME-PLE/STEM shared experts.
+        num_levels: PLE / ME-PLE extraction levels, ML-MMoE expert levels.
         stem_gate_input: ``concat`` (paper), ``sum`` (reference code), ``task`` or ``shared``.
         stem_stop_gradient: STEM's stop-gradient on other tasks' experts.
         stem_specific_fields: which features get task-specific tables: ``all``, ``user``,
-            ``item`` (by the schema's feature side) or a comma-separated list of feature names.
+            ``item`` (by the schema's feature side), ``none`` (task experts read the shared
+            embeddings) or a comma-separated list of feature names. ME-PLE uses the same selection.
+        asymmetric_fusion: asymmetric sharing's fusion of a task's bottom with the previous
+            task's: ``concat``, ``sum`` or ``mean``.
+        cross_stitch_self_weight: initial diagonal of the cross-stitch / sluice ``α`` (1 = separate columns).
+        sluice_num_subspaces: subspaces per layer of a sluice network.
     """
 
     name: str = "stem"
@@ -48,6 +55,9 @@ class ModelConfig:
     stem_gate_input: str = "concat"
     stem_stop_gradient: bool = True
     stem_specific_fields: str = "all"
+    asymmetric_fusion: str = "concat"
+    cross_stitch_self_weight: float = 0.9
+    sluice_num_subspaces: int = 2
 
 
 @dataclass(frozen=True)

@@ -14,14 +14,22 @@ from torch import nn
 
 from recsys_mtl.config import ModelConfig
 from recsys_mtl.data.schema import Schema
+from recsys_mtl.models.aitm import AITM
+from recsys_mtl.models.cross_stitch import CrossStitch
+from recsys_mtl.models.esmm import ESMM
+from recsys_mtl.models.ml_mmoe import MLMMoE
 from recsys_mtl.models.mmoe import MMoE, OMoE
+from recsys_mtl.models.multi_embedding import MEMMoE, MEPLE
 from recsys_mtl.models.ple import CGC, PLE
+from recsys_mtl.models.ple_sharing import AsymmetricSharing, CustomizedSharing
 from recsys_mtl.models.shared_bottom import SharedBottom, SingleTask
+from recsys_mtl.models.sluice import Sluice
 from recsys_mtl.models.stem import STEMNet
 from recsys_mtl.modules.embeddings import build_ebc
 
 __all__ = ["MMoE", "OMoE", "CGC", "PLE", "SharedBottom", "SingleTask", "STEMNet", "MODELS", "build_model",
-           "stem_specific_features"]
+           "stem_specific_features", "MLMMoE", "ESMM", "AITM", "MEMMoE", "MEPLE", "AsymmetricSharing",
+           "CustomizedSharing", "CrossStitch", "Sluice"]
 
 
 def stem_specific_features(schema: Schema, spec: str) -> list[str]:
@@ -71,13 +79,66 @@ def _cgc(s: Schema, c: ModelConfig, dev: torch.device) -> nn.Module:
 
 def _stem(s: Schema, c: ModelConfig, dev: torch.device) -> nn.Module:
     specific = stem_specific_features(s, c.stem_specific_fields)
-    if not specific:
-        raise ValueError("stem needs at least one task-specific field (stem_specific_fields='none' is not supported)")
     shared = build_ebc(s, c.embedding_dim, prefix="shared", device=dev)
-    tasks = {t: build_ebc(s, c.embedding_dim, features=specific, prefix=f"task_{t}", device=dev) for t in s.task_names}
+    # No task-specific fields ("none"): no task tables; task experts read the shared embeddings.
+    tasks = (
+        {t: build_ebc(s, c.embedding_dim, features=specific, prefix=f"task_{t}", device=dev) for t in s.task_names}
+        if specific else {}
+    )
     return STEMNet(shared, tasks, len(s.dense), c.num_shared_experts, c.num_task_experts, c.expert_layer_sizes,
                    c.gate_layer_sizes, c.tower_layer_sizes, gate_input=c.stem_gate_input,
-                   stop_gradient=c.stem_stop_gradient)
+                   stop_gradient=c.stem_stop_gradient, tasks=s.task_names)
+
+
+def _ml_mmoe(s: Schema, c: ModelConfig, dev: torch.device) -> nn.Module:
+    return MLMMoE(build_ebc(s, c.embedding_dim, device=dev), len(s.dense), s.task_names, c.num_levels,
+                  c.num_experts, c.expert_layer_sizes, c.tower_layer_sizes)
+
+
+def _esmm(s: Schema, c: ModelConfig, dev: torch.device) -> nn.Module:
+    # Each funnel step's network: the bottom widths, then the tower widths, then one logit.
+    return ESMM(build_ebc(s, c.embedding_dim, device=dev), len(s.dense), s.task_names,
+                (*c.bottom_layer_sizes, *c.tower_layer_sizes))
+
+
+def _aitm(s: Schema, c: ModelConfig, dev: torch.device) -> nn.Module:
+    return AITM(build_ebc(s, c.embedding_dim, device=dev), len(s.dense), s.task_names, c.bottom_layer_sizes,
+                c.tower_layer_sizes)
+
+
+def _me_mmoe(s: Schema, c: ModelConfig, dev: torch.device) -> nn.Module:
+    ebcs = [build_ebc(s, c.embedding_dim, prefix=f"expert_{i}", device=dev) for i in range(c.num_experts)]
+    return MEMMoE(ebcs, len(s.dense), s.task_names, c.expert_layer_sizes, c.tower_layer_sizes)
+
+
+def _me_ple(s: Schema, c: ModelConfig, dev: torch.device) -> nn.Module:
+    specific = stem_specific_features(s, c.stem_specific_fields)
+    if not specific:
+        raise ValueError("me_ple needs task-specific fields (with stem_specific_fields='none' it is PLE: use ple)")
+    shared = build_ebc(s, c.embedding_dim, prefix="shared", device=dev)
+    tasks = {t: build_ebc(s, c.embedding_dim, features=specific, prefix=f"task_{t}", device=dev) for t in s.task_names}
+    return MEPLE(shared, tasks, len(s.dense), c.num_levels, c.num_task_experts, c.num_shared_experts,
+                 c.expert_layer_sizes, c.tower_layer_sizes)
+
+
+def _asymmetric_sharing(s: Schema, c: ModelConfig, dev: torch.device) -> nn.Module:
+    return AsymmetricSharing(build_ebc(s, c.embedding_dim, device=dev), len(s.dense), s.task_names,
+                             c.bottom_layer_sizes, c.tower_layer_sizes, fusion=c.asymmetric_fusion)
+
+
+def _customized_sharing(s: Schema, c: ModelConfig, dev: torch.device) -> nn.Module:
+    return CustomizedSharing(build_ebc(s, c.embedding_dim, device=dev), len(s.dense), s.task_names,
+                             c.bottom_layer_sizes, c.tower_layer_sizes)
+
+
+def _cross_stitch(s: Schema, c: ModelConfig, dev: torch.device) -> nn.Module:
+    return CrossStitch(build_ebc(s, c.embedding_dim, device=dev), len(s.dense), s.task_names,
+                       c.bottom_layer_sizes, c.tower_layer_sizes, self_weight=c.cross_stitch_self_weight)
+
+
+def _sluice(s: Schema, c: ModelConfig, dev: torch.device) -> nn.Module:
+    return Sluice(build_ebc(s, c.embedding_dim, device=dev), len(s.dense), s.task_names, c.bottom_layer_sizes,
+                  c.tower_layer_sizes, num_subspaces=c.sluice_num_subspaces, self_weight=c.cross_stitch_self_weight)
 
 
 MODELS: dict[str, Callable[[Schema, ModelConfig, torch.device], nn.Module]] = {
@@ -88,6 +149,15 @@ MODELS: dict[str, Callable[[Schema, ModelConfig, torch.device], nn.Module]] = {
     "cgc": _cgc,
     "ple": _ple,
     "stem": _stem,
+    "ml_mmoe": _ml_mmoe,
+    "esmm": _esmm,
+    "aitm": _aitm,
+    "me_mmoe": _me_mmoe,
+    "me_ple": _me_ple,
+    "asymmetric_sharing": _asymmetric_sharing,
+    "customized_sharing": _customized_sharing,
+    "cross_stitch": _cross_stitch,
+    "sluice": _sluice,
 }
 
 

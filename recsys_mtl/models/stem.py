@@ -15,6 +15,11 @@ stop-gradient. Only other tasks' specific experts are detached: own experts, sha
 gate itself receive gradients. The gate is an MLP on ``x_i ⊕ x_s`` (the paper, Table 6,
 ``gate_input="concat"``); ``"sum"`` is ``x_i + x_s`` as in the reference code, ``"task"`` and
 ``"shared"`` are Table 6's other variants.
+
+No task-specific fields (the "none" ablation): pass no task table sets (and ``tasks``); every
+task's experts then read the shared embeddings ``x_s``. Experts, gates and the stop-gradient stay
+task-specific, so what remains is STEM's AFTB gate over task-specific and shared experts on one
+shared embedding set, and every task's loss trains the shared tables.
 """
 
 from __future__ import annotations
@@ -49,6 +54,9 @@ class STEMNet(nn.Module):
         gate_input (str): ``"concat"`` (paper), ``"sum"`` (reference code), ``"task"`` or ``"shared"``.
         stop_gradient (bool): detach other tasks' experts in each task's mixture (AFTB); False
             gives all-forward all-backward gating (ME-MMoE-like), STEM Table 6's ablation.
+        tasks (Sequence[str] | None): task names; required only when
+            ``task_embedding_bag_collections`` is empty (no task-specific fields), otherwise
+            they must equal its keys.
 
     Example::
 
@@ -76,11 +84,21 @@ class STEMNet(nn.Module):
         tower_layer_sizes: Sequence[int],
         gate_input: GateInput = "concat",
         stop_gradient: bool = True,
+        tasks: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         if gate_input not in ("concat", "sum", "task", "shared"):
             raise ValueError(f"gate_input must be concat/sum/task/shared, got {gate_input!r}")
-        self.tasks = list(task_embedding_bag_collections)
+        if task_embedding_bag_collections:
+            if tasks is not None and list(tasks) != list(task_embedding_bag_collections):
+                raise ValueError(
+                    f"tasks {list(tasks)} differ from the task table sets {list(task_embedding_bag_collections)}"
+                )
+            self.tasks = list(task_embedding_bag_collections)
+        elif tasks:
+            self.tasks = list(tasks)
+        else:
+            raise ValueError("STEMNet needs task table sets or, without task-specific fields, the task names")
         self.shared_ebc = shared_embedding_bag_collection
         self.task_ebcs = nn.ModuleDict(task_embedding_bag_collections)
         self.dense_in_features = dense_in_features
@@ -124,6 +142,8 @@ class STEMNet(nn.Module):
         shared = self.shared_ebc(sparse).to_dict()  # feature -> B x D_f
         dense_part = [dense] if self.dense_in_features > 0 else []
         x_s = torch.cat([shared[f] for f in self.features] + dense_part, dim=1)  # B x D
+        if not self.specific_features:  # no task-specific fields: task experts read x_s
+            return x_s, torch.stack([x_s] * len(self.tasks))  # B x D, T x B x D
         x_t = []
         for t in self.tasks:
             own = self.task_ebcs[t](sparse).to_dict()  # specific feature -> B x D_f
