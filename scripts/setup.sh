@@ -33,7 +33,7 @@ log="$VENV/setup.log"
 # One resolver run: the shim is a direct requirement, so torchrec's `fbgemm-gpu` is satisfied
 # by it and pip never downloads the CUDA build.
 if ! "$VENV/bin/python" -m pip install --disable-pip-version-check \
-      "$ROOT/packaging/fbgemm-gpu-cpu-shim" -e "$ROOT[cpu,test]" >"$log" 2>&1; then
+      "$ROOT/packaging/fbgemm-gpu-cpu-shim" -e "$ROOT[cpu,test,bench]" >"$log" 2>&1; then
   tail -n 30 "$log" >&2
   echo "setup: error: pip install failed; full log in $log" >&2
   exit 1

@@ -1,0 +1,146 @@
+"""Throughput benchmarks against peers (DESIGN.md §7, §8).
+
+:func:`run_bench` trains recsys_mtl's pipelined, sharded model and, with ``peers=True``, a plain
+PyTorch PLE and torch-rechub's PLE on the same pre-generated synthetic batches in one process,
+with ``torch`` on 2 threads, and returns (and optionally writes) the ``bench`` JSON.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+from recsys_mtl.bench.gemm import measure_gemm_gflops, ple_dense_flops_per_sample
+from recsys_mtl.bench.runner import median_s, run_contenders
+from recsys_mtl.bench.timing import peak_rss_mb
+from recsys_mtl.bench.workloads import Workload, get_workload, make_batches
+
+__all__ = ["run_bench", "format_table", "get_workload", "Workload"]
+
+THREADS = 2
+CONTENDERS = ("recsys_mtl", "plain_pytorch", "torch_rechub")
+
+
+def _machine() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def run_bench(
+    workload: str,
+    *,
+    peers: bool = False,
+    output: str | None = None,
+    steps: int = 20,
+    warmup: int = 5,
+    batch_size: int | None = None,
+    show_progress: bool | None = None,
+    print_table: bool = True,
+) -> dict:
+    """Benchmarks ``workload`` and returns the ``bench`` JSON (DESIGN.md §8), extra keys included.
+
+    Args:
+        workload (str): ``w1`` (``w2`` is not implemented yet; ``w1_tiny`` is a toy-size smoke test).
+        peers (bool): also run the plain PyTorch and torch-rechub peers.
+        output (str | None): write the JSON there too.
+        steps (int): timed steps per contender.
+        warmup (int): untimed steps per contender before profiling and before timing.
+        batch_size (int | None): override the workload's batch size.
+        show_progress (bool | None): tqdm bar on stderr (default: when stderr is a terminal).
+        print_table (bool): print :func:`format_table`'s summary to stdout.
+
+    Returns:
+        dict: ``{"workload", "batch_size", "samples_per_s": {contender: float}, "gemm_gflops", ...}``.
+    """
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
+    w = get_workload(workload)
+    bsz = batch_size or w.batch_size
+    names = list(CONTENDERS if peers else CONTENDERS[:1])
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        load_before = os.getloadavg()
+        gemm = measure_gemm_gflops(threads=THREADS)
+        batches = make_batches(w, num_batches=min(steps + warmup, 16), batch_size=bsz, seed=0)
+        progress = None
+        if show_progress if show_progress is not None else sys.stderr.isatty():
+            from tqdm import tqdm
+
+            progress = lambda total: tqdm(total=total, desc=f"bench {workload}", file=sys.stderr, leave=False)  # noqa: E731
+        contenders = run_contenders(w, batches, names, steps=steps, warmup=warmup, progress=progress)
+        gemm = max(gemm, measure_gemm_gflops(threads=THREADS))  # best of before and after
+        load_after = os.getloadavg()
+        threads = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads_before)
+
+    flops = ple_dense_flops_per_sample(w.model, len(w.schema.sparse), len(w.schema.dense), len(w.schema.tasks))
+    sps = {c.name: bsz / median_s(c) for c in contenders}
+    result: dict = {
+        "workload": workload,
+        "batch_size": bsz,
+        "samples_per_s": sps,
+        "gemm_gflops": gemm,
+        "samples_per_s_mean": {c.name: bsz * len(c.step_times) / sum(c.step_times) for c in contenders},
+        "samples_per_s_best_step": {c.name: bsz / min(c.step_times) for c in contenders},
+        "ms_per_step": {c.name: {"median": 1e3 * median_s(c), **c.ms_per_step} for c in contenders},
+        "dense_gflop_per_sample": flops["fwd_bwd"] / 1e9,
+        "fraction_of_gemm_limit": {k: v * flops["fwd_bwd"] / (gemm * 1e9) for k, v in sps.items()},
+        "ratios": {f"recsys_mtl/{k}": sps["recsys_mtl"] / v for k, v in sps.items() if k != "recsys_mtl"},
+        "peak_rss_mb": peak_rss_mb(),
+        "rss_delta_mb": {c.name: c.rss_delta_mb for c in contenders},
+        "steps": steps,
+        "warmup": warmup,
+        "torch_threads": threads,
+        "load_average": {"before": list(load_before), "after": list(load_after)},
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": _machine(),
+    }
+    if print_table:
+        print(format_table(result), flush=True)
+    if output:
+        path = Path(output)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def format_table(result: dict) -> str:
+    """Readable summary: samples/s, median ms/step and its breakdown, ratio ours / peer."""
+    sps, ms = result["samples_per_s"], result["ms_per_step"]
+    lines = [
+        f"workload {result['workload']}  batch {result['batch_size']}  threads {result['torch_threads']}  "
+        f"GEMM {result['gemm_gflops']:.0f} GFLOP/s  dense {result['dense_gflop_per_sample'] * 1e3:.2f} MFLOP/sample",
+        f"{'contender':<15}{'samples/s':>11}{'ms/step':>9}{'emb':>8}{'dense':>8}{'optim':>8}"
+        f"{'%GEMM':>7}{'ours/x':>8}",
+    ]
+    for name, v in sps.items():
+        b = ms[name]
+        ratio = sps["recsys_mtl"] / v
+        lines.append(
+            f"{name:<15}{v:>11.0f}{b['median']:>9.1f}{b['embedding']:>8.1f}{b['dense']:>8.1f}{b['optimizer']:>8.1f}"
+            f"{100 * result['fraction_of_gemm_limit'][name]:>6.1f}%{ratio:>7.2f}x"
+        )
+    lines.append(
+        f"samples/s = batch / median step; emb/dense/optim = unpipelined breakdown (ms/step); "
+        f"peak RSS {result['peak_rss_mb']:.0f} MiB"
+    )
+    return "\n".join(lines)

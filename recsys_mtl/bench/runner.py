@@ -1,0 +1,201 @@
+"""The contenders as step functions, driven in interleaved rounds on the same batches.
+
+Each contender is built, warmed up and profiled (an unpipelined per-phase breakdown) in turn;
+then the timed steps run round-robin in chunks, so background load on a shared machine hits
+every contender alike. Throughput is the batch size over the median step time.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import psutil
+import torch
+import torch.distributed as dist
+
+from recsys_mtl.bench import peers
+from recsys_mtl.bench.ours import build_ours, find_input_module
+from recsys_mtl.bench.timing import StepTimer
+from recsys_mtl.bench.workloads import Workload
+from recsys_mtl.types import MTLBatch
+
+
+@dataclass
+class Contender:
+    """A built contender: ``step()`` trains on its next batch; results accumulate here."""
+
+    name: str
+    step: Callable[[], None]
+    ms_per_step: dict[str, float] = field(default_factory=dict)
+    step_times: list[float] = field(default_factory=list)
+    rss_delta_mb: float = 0.0
+    cleanup: Callable[[], None] = lambda: None
+
+
+def _rss_mb() -> float:
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _finish_breakdown(timer: StepTimer) -> dict[str, float]:
+    ms = timer.ms_per_step()
+    return {
+        "data": ms.get("data", 0.0),
+        "embedding": ms["embedding"],
+        "dense": max(0.0, ms["fwd_bwd"] - ms["embedding"]),
+        "optimizer": ms["optimizer"],
+        "total_unpipelined": ms.get("data", 0.0) + ms["fwd_bwd"] + ms["optimizer"],
+    }
+
+
+def make_ours(workload: Workload, batches: list[MTLBatch], warmup: int, profile_steps: int) -> Contender:
+    """recsys_mtl: sharded model (fused row-wise Adagrad tables) + dense Adam, ``TrainPipelineSparseDist``."""
+    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+    created_pg = not dist.is_initialized()
+    dmp, opt, device = build_ours(workload, batches[0].batch_size)
+    ebc = find_input_module(dmp).ebc
+    timer = StepTimer()
+    # Unpipelined breakdown first: the pipeline later rewires the tables' forward.
+    for i, batch in enumerate(itertools.islice(itertools.cycle(batches), warmup + profile_steps)):
+        timed = i >= warmup
+        with timer.phase("data", timed):
+            batch = batch.to(device)
+        with timer.phase("fwd_bwd", timed):
+            opt.zero_grad()
+            loss, _ = dmp(batch)
+            loss.backward()
+        with timer.phase("optimizer", timed):
+            opt.step()
+        with timer.phase("embedding", timed):  # sharded tables alone: fwd + bwd with fused update
+            ebc(batch.sparse).values().sum().backward()
+    pipeline = TrainPipelineSparseDist(dmp, opt, device)
+    it = itertools.cycle(batches)
+    for _ in range(warmup):
+        pipeline.progress(it)
+
+    def cleanup() -> None:
+        if created_pg and dist.is_initialized():
+            dist.destroy_process_group()
+
+    return Contender("recsys_mtl", lambda: pipeline.progress(it), _finish_breakdown(timer), cleanup=cleanup)
+
+
+def make_plain(workload: Workload, batches: list[MTLBatch], warmup: int, profile_steps: int) -> Contender:
+    """Plain PyTorch PLE: ``EmbeddingBag(sparse=True)`` + SparseAdam, Adam for the dense part."""
+    torch.manual_seed(0)
+    model = peers.build_plain(workload)
+    sparse_opt, dense_opt = peers.plain_optimizers(model)
+    tasks = workload.schema.task_names
+    inputs = [(b.dense, *peers.plain_inputs(b), b.labels) for b in batches]  # converted before timing
+
+    def train_step(dense, ids, offsets, labels) -> None:
+        sparse_opt.zero_grad()
+        dense_opt.zero_grad()
+        peers.plain_loss(model(dense, ids, offsets), labels, tasks).backward()
+        sparse_opt.step()
+        dense_opt.step()
+
+    timer = StepTimer()
+    for i, (dense, ids, offsets, labels) in enumerate(itertools.islice(itertools.cycle(inputs), warmup + profile_steps)):
+        timed = i >= warmup
+        with timer.phase("fwd_bwd", timed):
+            sparse_opt.zero_grad()
+            dense_opt.zero_grad()
+            peers.plain_loss(model(dense, ids, offsets), labels, tasks).backward()
+        with timer.phase("optimizer", timed):
+            sparse_opt.step()
+            dense_opt.step()
+        sparse_opt.zero_grad()
+        with timer.phase("embedding", timed):  # the tables alone: fwd + bwd (sparse grads)
+            torch.cat([bag(ids[n], offsets[n]) for n, bag in model.embeddings.items()], 1).sum().backward()
+    it = itertools.cycle(inputs)
+    for _ in range(warmup):
+        train_step(*next(it))
+    return Contender("plain_pytorch", lambda: train_step(*next(it)), _finish_breakdown(timer))
+
+
+def make_rechub(workload: Workload, batches: list[MTLBatch], warmup: int, profile_steps: int) -> Contender:
+    """torch-rechub's PLE (dense ``nn.Embedding`` tables) with one Adam over all parameters."""
+    torch.manual_seed(0)
+    model = peers.build_rechub(workload)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    bce = torch.nn.BCELoss()
+    inputs = [(peers.rechub_inputs(b, workload.schema), b.labels) for b in batches]  # converted before timing
+    ntask = len(workload.schema.tasks)
+
+    def fwd_bwd(x, labels) -> None:
+        opt.zero_grad()
+        y = model(x)  # B x T probabilities
+        sum(bce(y[:, k], labels[:, k]) for k in range(ntask)).backward()
+
+    timer = StepTimer()
+    for i, (x, labels) in enumerate(itertools.islice(itertools.cycle(inputs), warmup + profile_steps)):
+        timed = i >= warmup
+        with timer.phase("fwd_bwd", timed):
+            fwd_bwd(x, labels)
+        with timer.phase("optimizer", timed):
+            opt.step()
+        opt.zero_grad()
+        with timer.phase("embedding", timed):
+            model.embedding(x, model.features, squeeze_dim=True).sum().backward()
+    it = itertools.cycle(inputs)
+
+    def step() -> None:
+        fwd_bwd(*next(it))
+        opt.step()
+
+    for _ in range(warmup):
+        step()
+    return Contender("torch_rechub", step, _finish_breakdown(timer))
+
+
+BUILDERS = {
+    "recsys_mtl": make_ours,
+    "plain_pytorch": make_plain,
+    "torch_rechub": make_rechub,
+}
+
+
+def run_contenders(
+    workload: Workload, batches: list[MTLBatch], names: list[str], steps: int, warmup: int,
+    chunk: int = 5, progress: Callable | None = None,
+) -> list[Contender]:
+    """Builds ``names`` in order, then times ``steps`` steps of each, round-robin in ``chunk``-step rounds."""
+    contenders = []
+    profile_steps = max(2, min(steps, 10))
+    if "torch_rechub" in names:
+        peers.import_rechub()  # fail before building anything, with the install hint
+    for name in names:
+        gc.collect()
+        before = _rss_mb()
+        c = BUILDERS[name](workload, batches, warmup, profile_steps)
+        c.rss_delta_mb = _rss_mb() - before
+        contenders.append(c)
+    bar = progress(total=steps * len(contenders)) if progress else None
+    done = 0
+    try:
+        while done < steps:
+            n = min(chunk, steps - done)
+            for c in contenders:
+                for _ in range(n):
+                    t0 = time.perf_counter()
+                    c.step()
+                    c.step_times.append(time.perf_counter() - t0)
+                if bar is not None:
+                    bar.update(n)
+            done += n
+    finally:
+        if bar is not None:
+            bar.close()
+        for c in contenders:
+            c.cleanup()
+    return contenders
+
+
+def median_s(c: Contender) -> float:
+    return statistics.median(c.step_times)
