@@ -9,6 +9,11 @@ The same component runs on Slurm (``-s slurm``) and Kubernetes (``-s kubernetes`
 ``--image``); see the README's "Launching on a cluster". Every rank runs ``recsys-mtl train``,
 which joins the process group torchrun created.
 
+Fault tolerance: pass ``--checkpoint-dir`` (on storage every node sees) to ``recsys-mtl train``;
+``--max_restarts N`` lets torchrun restart the ranks in place after a failure (they resume from
+the newest checkpoint), ``--max_retries N`` lets the scheduler resubmit the whole job (Slurm
+requeue, Volcano ``maxRetry`` on Kubernetes), which resumes the same way.
+
 Annotations use ``typing.Optional``/``Dict``/``List``: torchx's component linter reads them
 from the source and does not understand ``X | None``.
 """
@@ -30,6 +35,7 @@ def train(
     memMB: int = 8192,
     h: Optional[str] = None,
     max_retries: int = 0,
+    max_restarts: int = 0,
     rdzv_port: int = 29500,
     env: Optional[Dict[str, str]] = None,
     mounts: Optional[List[str]] = None,
@@ -46,12 +52,18 @@ def train(
         gpu: GPUs per host (nccl is used automatically when CUDA is visible).
         memMB: memory per host in MB.
         h: a named torchx hardware resource instead of cpu/gpu/memMB.
-        max_retries: elastic restarts of the whole job after a rank fails.
+        max_retries: scheduler-level retries of the whole job (Slurm requeue, Kubernetes maxRetry).
+        max_restarts: torchrun restarts of the ranks in place after a rank fails.
         rdzv_port: rendezvous port on the first host (distinct per concurrent job on one host).
         env: extra environment variables.
         mounts: kubernetes/docker mounts, e.g. ``type=bind,src=/data,dst=/data``.
     """
-    return dist.ddp(
+    env = dict(env or {})
+    env["PET_MAX_RESTARTS"] = str(max_restarts)  # torchrun's --max-restarts
+    # A fresh rendezvous store per restart: with the shared one, restarted ranks can read the
+    # previous attempt's gloo addresses and fail to connect.
+    env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    app = dist.ddp(
         "train",
         *train_args,
         m="recsys_mtl.cli",
@@ -67,3 +79,5 @@ def train(
         rdzv_port=rdzv_port,
         mounts=mounts,
     )
+    app.roles[0].name = "trainer"  # slurm job / kubernetes task name (default: the module name "cli")
+    return app

@@ -20,7 +20,8 @@ from recsys_mtl.config import (
     train_config_from_dict,
 )
 
-MODEL_NAMES = ("single_task", "shared_bottom", "omoe", "mmoe", "cgc", "ple", "stem")
+MODEL_NAMES = ("single_task", "shared_bottom", "omoe", "mmoe", "cgc", "ple", "stem", "ml_mmoe", "esmm", "aitm",
+               "me_mmoe", "me_ple", "asymmetric_sharing", "customized_sharing", "cross_stitch", "sluice")
 
 
 def _sizes(text: str) -> tuple[int, ...]:
@@ -68,6 +69,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--m", type=int, default=10)
     g.add_argument("--d", type=int, default=512)
     synth.set_defaults(func=_cmd_synth)
+    _add_convert(dsub)
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
@@ -88,6 +90,66 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         schema = generate_mmoe(args.out, **kw)
     print(f"wrote {args.out}: {len(schema.sparse)} sparse, {len(schema.dense)} dense features, "
           f"tasks {', '.join(schema.task_names)}")
+    return 0
+
+
+def _add_convert(dsub: argparse._SubParsersAction) -> None:
+    conv = dsub.add_parser(
+        "convert", help="convert a raw public dataset (schema.json + parquet)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Streams the raw files twice (vocabularies and train statistics, then writing). "
+                    "Inputs by dataset: census-kdd: census-income.data/.test[.gz]; ali-ccp: "
+                    "sample_skeleton_{train,test}.csv + common_features_{train,test}.csv; kuairand: "
+                    "log_standard_*.csv, user_features_*.csv, video_features_basic_*.csv; icme2019: "
+                    "final_track2_train.txt. See README 'Dataset converters'.",
+    )
+    conv.add_argument("name", choices=["census-kdd", "ali-ccp", "kuairand", "icme2019"])
+    conv.add_argument("--input", nargs="+", required=True, metavar="PATH", help="raw files (.gz allowed)")
+    conv.add_argument("--out", required=True, help="dataset directory to write")
+    conv.add_argument("--min-count", type=int, default=1,
+                      help="values seen fewer times in the train rows map to id 0")
+    conv.add_argument("--max-rows", type=int, default=None, help="read at most N rows of each sample file")
+    conv.add_argument("--eval-fraction", type=float, default=0.1,
+                      help="eval share for hash splits (files without a train/test role) and for the "
+                           "kuairand date split")
+    conv.add_argument("--seed", type=int, default=0, help="seed of the hash split")
+    conv.add_argument("--tasks", default=None,
+                      help="census-kdd: income,marital[,education]; kuairand: comma list of log columns "
+                           "(default is_click,is_like,is_follow,is_comment,is_forward,long_view)")
+    conv.add_argument("--split-date", type=int, default=None, metavar="YYYYMMDD",
+                      help="kuairand: eval = impressions on or after this date")
+    conv.add_argument("--keep-instance-weight", action="store_true",
+                      help="census-kdd: also write the instance weight as a column outside the schema")
+    conv.add_argument("--row-group-size", type=int, default=16_384)
+    conv.add_argument("--progress", action="store_true", help="progress bars on stderr")
+    conv.set_defaults(func=_cmd_convert)
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from recsys_mtl.data.convert import convert
+    from recsys_mtl.data.schema import SchemaError
+
+    opts: dict = {"max_rows": args.max_rows, "eval_fraction": args.eval_fraction}
+    if args.name != "kuairand":
+        opts["seed"] = args.seed
+    if args.name in ("census-kdd", "kuairand"):
+        opts["tasks"] = args.tasks
+    elif args.tasks is not None:
+        print(f"recsys-mtl data convert: error: --tasks is not an option of {args.name}", file=sys.stderr)
+        return 2
+    if args.name == "kuairand":
+        opts["split_date"] = args.split_date
+    if args.name == "census-kdd":
+        opts["keep_weight"] = args.keep_instance_weight
+    try:
+        schema = convert(args.name, args.input, args.out, min_count=args.min_count,
+                         row_group_size=args.row_group_size, progress=args.progress, **opts)
+    except SchemaError as e:
+        print(f"recsys-mtl data convert: error: {e}", file=sys.stderr)
+        return 2
+    rows = schema.metadata.get("rows", {})
+    print(f"wrote {args.out}: {rows.get('train', 0)} train / {rows.get('eval', 0)} eval rows, "
+          f"{len(schema.sparse)} sparse, {len(schema.dense)} dense features, tasks {', '.join(schema.task_names)}")
     return 0
 
 
@@ -116,6 +178,15 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers per rank")
     p.add_argument("--pipeline", choices=["sparse_dist", "base"], default=None)
+    g = p.add_argument_group("checkpoints and fault tolerance")
+    g.add_argument("--checkpoint-dir", default=None,
+                   help="DCP checkpoint directory (shared by all ranks); resumes from its newest valid checkpoint")
+    g.add_argument("--checkpoint-every-steps", type=int, default=None, help="save every N steps")
+    g.add_argument("--checkpoint-every-minutes", type=float, default=None, help="save every M minutes")
+    g.add_argument("--keep-last", type=int, default=None, help="checkpoints to keep (default 3)")
+    g.add_argument("--max-restarts", type=int, default=0,
+                   help="with --nproc-per-node: restart all local ranks up to N times after a rank fails "
+                        "(they resume from the last checkpoint); under torchx use --max_retries")
     g = p.add_argument_group("sharding")
     g.add_argument("--sharding", choices=SHARDING_TYPES, default=None,
                    help="constrain every table to one sharding type (default: the planner chooses)")
@@ -129,6 +200,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--dense-optimizer", choices=["adam", "adagrad", "sgd"], default=None)
     g.add_argument("--dense-lr", type=float, default=None)
     g.add_argument("--grad-clip-norm", type=float, default=None)
+    g = p.add_argument_group("loss (PLE joint loss: sample spaces always on)")
+    g.add_argument("--task-weight", action="append", default=[], metavar="TASK=W",
+                   help="initial loss weight w_k0 of a task (default 1); repeatable")
+    g.add_argument("--task-weight-decay", action="append", default=[], metavar="TASK=GAMMA",
+                   help="PLE Eq. 10 updating ratio: w_k(t) = w_k0 * gamma**t; repeatable")
+    g.add_argument("--loss-weight-unit", choices=["epoch", "step"], default=None, help="what t counts in Eq. 10")
     g = p.add_argument_group("model")
     g.add_argument("--embedding-dim", type=int, default=None)
     g.add_argument("--expert-layer-sizes", type=_sizes, default=None, metavar="256,128")
@@ -142,15 +219,22 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--stem-gate-input", choices=["concat", "sum", "task", "shared"], default=None)
     g.add_argument("--stem-no-stop-gradient", action="store_true", help="STEM ablation: no stop-gradient")
     g.add_argument("--stem-specific-fields", default=None,
-                   help="task-specific tables for: all, user, item or a comma list of features")
+                   help="task-specific tables (stem, me_ple) for: all, user, item, none or a comma list of features")
+    g.add_argument("--asymmetric-fusion", choices=["concat", "sum", "mean"], default=None,
+                   help="asymmetric_sharing: how a task's bottom is fused with the previous task's")
+    g.add_argument("--cross-stitch-self-weight", type=float, default=None,
+                   help="cross_stitch/sluice: initial diagonal of the alpha mixing matrices")
+    g.add_argument("--sluice-num-subspaces", type=int, default=None, help="sluice: subspaces per layer")
     p.set_defaults(func=_cmd_train)
 
 
 _MODEL_FLAGS = ("embedding_dim", "expert_layer_sizes", "tower_layer_sizes", "bottom_layer_sizes",
                 "gate_layer_sizes", "num_experts", "num_task_experts", "num_shared_experts", "num_levels",
-                "stem_gate_input", "stem_specific_fields")
+                "stem_gate_input", "stem_specific_fields", "asymmetric_fusion", "cross_stitch_self_weight",
+                "sluice_num_subspaces")
 _OPTIM_FLAGS = ("sparse_optimizer", "sparse_lr", "dense_optimizer", "dense_lr", "grad_clip_norm")
-_TRAIN_FLAGS = ("epochs", "steps", "batch_size", "eval_every", "seed", "num_workers", "pipeline")
+_TRAIN_FLAGS = ("epochs", "steps", "batch_size", "eval_every", "seed", "num_workers", "pipeline", "checkpoint_dir",
+                "checkpoint_every_steps", "checkpoint_every_minutes", "keep_last")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -178,24 +262,49 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     sharding = ShardingConfig(
         sharding_type=args.sharding if args.sharding else cfg.sharding.sharding_type, per_table=per_table
     )
+    loss = dataclasses.replace(
+        cfg.loss,
+        task_weights={**cfg.loss.task_weights, **_name_values(args.task_weight, "--task-weight")},
+        task_weight_decay={**cfg.loss.task_weight_decay, **_name_values(args.task_weight_decay, "--task-weight-decay")},
+        **({"weight_unit": args.loss_weight_unit} if args.loss_weight_unit else {}),
+    )
     return dataclasses.replace(
         cfg,
         model=dataclasses.replace(cfg.model, **model_kw),
         optim=dataclasses.replace(cfg.optim, **optim_kw),
         sharding=sharding,
+        loss=loss,
         **train_kw,
     )
+
+
+def _name_values(items: list[str], flag: str) -> dict[str, float]:
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name:
+            raise ValueError(f"{flag} expects TASK=NUMBER, got {item!r}")
+    return out
 
 
 def _train_entry(cfg_dict: dict) -> None:
     # Module-level so the elastic launcher can pickle it into each rank.
     from recsys_mtl.data.schema import SchemaError
+    from recsys_mtl.train.checkpoint import CheckpointError
     from recsys_mtl.train.loop import train
 
     try:
         train(train_config_from_dict(cfg_dict))
     except SchemaError as e:  # bad data found while reading: one clear line, then fail the rank
         print(f"recsys-mtl train: data error on rank {os.environ.get('RANK', 0)}: {e}", file=sys.stderr, flush=True)
+        raise
+    except CheckpointError as e:
+        print(f"recsys-mtl train: checkpoint error on rank {os.environ.get('RANK', 0)}: {e}", file=sys.stderr,
+              flush=True)
         raise
 
 
@@ -212,9 +321,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from recsys_mtl.data.reader import check_dataset
     from recsys_mtl.data.schema import SchemaError
 
+    from recsys_mtl.train.checkpoint import CheckpointError, preflight
+
     try:
         check_dataset(cfg.data)  # footers and column types only: fails fast, before any rank starts
-    except SchemaError as e:
+        preflight(cfg)  # the newest checkpoint's meta.json must fit this dataset and model
+    except (SchemaError, CheckpointError) as e:
         print(f"recsys-mtl train: error: {e}", file=sys.stderr)
         return 2
     if _inside_launcher() or not args.nproc_per_node:
@@ -234,15 +346,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     launch = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=args.nproc_per_node, run_id=f"recsys-mtl-{uuid.uuid4().hex[:8]}",
-        rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}", max_restarts=0, monitor_interval=0.5,
+        rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}", max_restarts=args.max_restarts,
+        monitor_interval=0.5,
     )
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+    # Restarted ranks must not read the previous attempt's addresses from a store shared across
+    # restarts: opt out of sharing the rendezvous store, so every attempt gets a fresh one.
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     try:
         elastic_launch(launch, _train_entry)(cfg.to_dict())
     except ChildFailedError as e:
-        first = next(iter(e.failures.values()))
-        print(f"recsys-mtl train: error: rank {first.rank} failed (exit code {first.exitcode}); "
+        rank, first = next(iter(e.failures.items()))
+        print(f"recsys-mtl train: error: rank {rank} failed (exit code {first.exitcode}); "
               f"its traceback is above", file=sys.stderr)
         return 1
     return 0

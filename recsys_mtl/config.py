@@ -99,6 +99,26 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class LossConfig:
+    """PLE's joint loss (§4.3): per-task sample spaces (always on) and task weights.
+
+    Args:
+        task_weights: initial weights ``w_k0`` by task name (default 1).
+        task_weight_decay: updating ratios ``γ_k`` by task name: ``w_k(t) = w_k0 * γ_k ** t``
+            (PLE Eq. 10; default 1, i.e. static weights).
+        weight_unit: what ``t`` counts: ``epoch`` (the paper's equation) or ``step``.
+    """
+
+    task_weights: dict[str, float] = field(default_factory=dict)
+    task_weight_decay: dict[str, float] = field(default_factory=dict)
+    weight_unit: str = "epoch"
+
+    def __post_init__(self) -> None:
+        if self.weight_unit not in ("epoch", "step"):
+            raise ValueError(f"loss.weight_unit must be 'epoch' or 'step', got {self.weight_unit!r}")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """One training run.
 
@@ -137,6 +157,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -164,8 +185,9 @@ def train_config_from_dict(d: dict[str, Any]) -> TrainConfig:
     model = _build(ModelConfig, d.pop("model", {}), "model")
     sharding = _build(ShardingConfig, d.pop("sharding", {}), "sharding")
     optim = _build(OptimConfig, d.pop("optim", {}), "optim")
+    loss = _build(LossConfig, d.pop("loss", {}), "loss")
     cfg = _build(TrainConfig, d, "train")
-    return dataclasses.replace(cfg, model=model, sharding=sharding, optim=optim)
+    return dataclasses.replace(cfg, model=model, sharding=sharding, optim=optim, loss=loss)
 
 
 # ---- presets -------------------------------------------------------------------------------

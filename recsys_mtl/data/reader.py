@@ -398,6 +398,9 @@ class ParquetMTLDataset(IterableDataset):
         seed (int): shuffle seed.
         epoch (int): shuffle epoch; see :meth:`set_epoch`.
         even_batches (bool): yield the same number of batches on every rank.
+        start_batch (int): resume position: skip this rank's first ``start_batch`` batches of the
+            epoch (counted in the order a DataLoader with the same ``num_workers`` yields them).
+            Whole row groups before the position are skipped without being read.
 
     Example::
 
@@ -409,6 +412,9 @@ class ParquetMTLDataset(IterableDataset):
         [256, 256, 256, 132]
         >>> b = next(iter(ds)); tuple(b.dense.shape), tuple(b.labels.shape)
         ((256, 4), (256, 2))
+        >>> resumed = ParquetMTLDataset(d, "train", batch_size=256, start_batch=2)
+        >>> [b.batch_size for b in resumed]
+        [256, 132]
     """
 
     def __init__(
@@ -425,8 +431,11 @@ class ParquetMTLDataset(IterableDataset):
         seed: int = 0,
         epoch: int = 0,
         even_batches: bool = False,
+        start_batch: int = 0,
     ) -> None:
         super().__init__()
+        if start_batch < 0:
+            raise ValueError(f"start_batch must be >= 0, got {start_batch}")
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -440,6 +449,7 @@ class ParquetMTLDataset(IterableDataset):
         self.shuffle_fragments = shuffle_fragments
         self.seed, self.epoch = seed, epoch
         self.even_batches = even_batches
+        self.start_batch = start_batch
         self.files = list_parquet_files(dataset_dir, split)
         self.units = _scan(self.files, self.schema)
         self.columns = self.schema.sparse_names + self.schema.dense_names + self.schema.task_names
@@ -470,36 +480,75 @@ class ParquetMTLDataset(IterableDataset):
             return None
         return min(self._batches_of(self._assigned(r, worker, num_workers)) for r in range(self.world_size))
 
+    def _worker_batches(self, num_workers: int) -> list[int]:
+        """Batches each of ``num_workers`` workers yields on this rank (before ``start_batch``)."""
+        out = []
+        for w in range(num_workers):
+            cap = self._worker_cap(w, num_workers)
+            n = self._batches_of(self._assigned(self.rank, w, num_workers))
+            out.append(n if cap is None else min(n, cap))
+        return out
+
     def num_batches(self, num_workers: int = 0) -> int:
-        """Exact number of batches this rank yields with ``num_workers`` DataLoader workers."""
-        total = 0
-        for w in range(max(1, num_workers)):
-            cap = self._worker_cap(w, max(1, num_workers))
-            n = self._batches_of(self._assigned(self.rank, w, max(1, num_workers)))
-            total += n if cap is None else min(n, cap)
-        return total
+        """Exact number of batches this rank yields with ``num_workers`` DataLoader workers
+        (after skipping ``start_batch``)."""
+        return max(0, sum(self._worker_batches(max(1, num_workers))) - self.start_batch)
+
+    def _worker_skips(self, num_workers: int) -> tuple[list[int], int]:
+        """Splits ``start_batch`` over the workers the way a DataLoader interleaves them
+        (round-robin over the workers that still have batches). Also returns the worker whose
+        batch comes next: a resumed DataLoader starts its cycle at its worker 0, so worker ``j``
+        of the resumed loader plays original worker ``(j + next) % num_workers``."""
+        left = self._worker_batches(num_workers)
+        skips = [0] * num_workers
+        todo, nxt = self.start_batch, 0
+        while todo > 0 and any(left):
+            for w in range(num_workers):
+                if todo == 0:
+                    break
+                if left[w]:
+                    left[w] -= 1
+                    skips[w] += 1
+                    todo -= 1
+                    nxt = (w + 1) % num_workers
+        return skips, nxt
 
     def __iter__(self) -> Iterator[MTLBatch]:
         info = get_worker_info()
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        skip = 0
+        if self.start_batch:
+            skips, nxt = self._worker_skips(num_workers)
+            worker = (worker + nxt) % num_workers
+            skip = skips[worker]
         cap = self._worker_cap(worker, num_workers)
-        emitted = 0
-        for batch in self._stream(self._assigned(self.rank, worker, num_workers)):
+        emitted = skip
+        for batch in self._stream(self._assigned(self.rank, worker, num_workers), skip_rows=skip * self.batch_size):
             if cap is not None and emitted >= cap:
                 return
             yield batch
             emitted += 1
 
-    def _pieces(self, units: list[_Unit]) -> Iterator[_Columns]:
-        """Validated, converted record batches of the given row groups, in order."""
+    def _pieces(self, units: list[_Unit], skip_rows: int = 0) -> Iterator[_Columns]:
+        """Validated, converted record batches of the given row groups, in order, after the
+        first ``skip_rows`` rows (whole row groups inside the skipped part are not read)."""
         pf, pf_index = None, -1
         for u in units:
+            if skip_rows >= u.num_rows:
+                skip_rows -= u.num_rows
+                continue
             path = self.files[u.file]
             if u.file != pf_index:  # at most one file open at a time
                 pf, pf_index = _open(path), u.file
             row = u.row_offset
             try:
                 for rb in pf.iter_batches(batch_size=self.batch_size, row_groups=[u.row_group], columns=self.columns):
+                    if skip_rows >= rb.num_rows:
+                        skip_rows -= rb.num_rows
+                        row += rb.num_rows
+                        continue
+                    if skip_rows:
+                        rb, row, skip_rows = rb.slice(skip_rows), row + skip_rows, 0
                     yield _to_columns(rb, self.schema, str(path), row, validate=True)
                     row += rb.num_rows
             except (pa.ArrowException, OSError) as e:
@@ -508,12 +557,12 @@ class ParquetMTLDataset(IterableDataset):
                     f"cannot decode parquet data: {e}"
                 ) from e
 
-    def _stream(self, units: list[_Unit]) -> Iterator[MTLBatch]:
+    def _stream(self, units: list[_Unit], skip_rows: int = 0) -> Iterator[MTLBatch]:
         """Re-chunks the pieces into exact ``batch_size`` batches, carrying remainders."""
         B, keys = self.batch_size, self.schema.sparse_names
         pending: list[_Columns] = []
         pending_rows = 0
-        for piece in self._pieces(units):
+        for piece in self._pieces(units, skip_rows):
             if pending_rows == 0 and piece.num_rows == B:  # fast path: already a full batch
                 yield piece.to_batch(keys)
                 continue
@@ -552,6 +601,7 @@ def make_dataloader(
     even_batches: bool = False,
     pin_memory: bool = False,
     prefetch_factor: int | None = None,
+    start_batch: int = 0,
 ) -> DataLoader:
     """A DataLoader over :class:`ParquetMTLDataset` (the dataset yields whole batches).
 
@@ -570,6 +620,7 @@ def make_dataloader(
         even_batches (bool): the same number of batches on every rank.
         pin_memory (bool): pin batches (for GPU training).
         prefetch_factor (int | None): batches prefetched per worker (workers > 0 only).
+        start_batch (int): resume position: skip this rank's first ``start_batch`` batches.
 
     Returns:
         DataLoader: yields :class:`MTLBatch`; the dataset is ``loader.dataset``.
@@ -586,7 +637,7 @@ def make_dataloader(
     dataset = ParquetMTLDataset(
         dataset_dir, split, batch_size=batch_size, rank=rank, world_size=world_size, schema=schema,
         drop_last=drop_last, shuffle_fragments=shuffle_fragments, seed=seed, epoch=epoch,
-        even_batches=even_batches,
+        even_batches=even_batches, start_batch=start_batch,
     )  # fmt: skip
     return DataLoader(
         dataset,

@@ -1,7 +1,8 @@
 """The distributed, pipelined training entry point.
 
 Reads top to bottom (DESIGN.md §5.9): process group → schema → model on ``meta`` → shard →
-optimizers → data → pipelined loop → evaluation → outputs.
+optimizers → resume from a checkpoint → data → pipelined loop (with periodic checkpoints) →
+evaluation → outputs. Checkpoint mechanics live in :mod:`recsys_mtl.train.checkpoint`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -20,13 +21,14 @@ from torchrec.distributed.train_pipeline import TrainPipelineBase, TrainPipeline
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys_mtl.config import TrainConfig
-from recsys_mtl.data.reader import make_dataloader
+from recsys_mtl.data.reader import DataError, make_dataloader
 from recsys_mtl.data.schema import Schema
 from recsys_mtl.distributed.env import DistEnv, init_distributed
 from recsys_mtl.distributed.optim import make_optimizer
 from recsys_mtl.distributed.sharding import plan_summary, shard_model
 from recsys_mtl.metrics import MTLMetrics, format_table
 from recsys_mtl.models import build_model
+from recsys_mtl.train.checkpoint import Checkpointer, TrainPosition, checkpoint_run_info
 from recsys_mtl.train.losses import MultiTaskLoss
 from recsys_mtl.train.task import MTLTrainModule
 from recsys_mtl.types import MTLBatch
@@ -41,6 +43,8 @@ class SyncedIterator:
     ``mode="stop"`` ends as soon as any rank runs out (training); ``mode="pad"`` goes on until
     every rank is out, feeding exhausted ranks an all-masked batch (evaluation, nothing dropped).
     Partial batches are padded to ``batch_size`` with masked rows so every step has one shape.
+    Bad input on one rank (:class:`DataError`) stops every rank at the same step: the rank that
+    read it raises its error, the others a DataError pointing to it (no rank hangs in a collective).
     """
 
     def __init__(
@@ -58,11 +62,22 @@ class SyncedIterator:
     def __next__(self) -> MTLBatch:
         if self.max_steps is not None and self.steps >= self.max_steps:
             raise StopIteration
-        batch = next(self.it, None)
-        have = torch.tensor([0 if batch is None else 1], dtype=torch.int32)
+        error = None
+        try:
+            batch = next(self.it, None)
+        except DataError as e:
+            batch, error = None, e
+        have = 0 if batch is None else 1
+        # One MAX all-reduce: [any rank failed, any rank has data (pad) / -(all ranks have data) (stop)].
+        flags = torch.tensor([int(error is not None), have if self.mode == "pad" else -have], dtype=torch.int32,
+                             device=self.device)  # nccl reduces device tensors only
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(have, op=dist.ReduceOp.MIN if self.mode == "stop" else dist.ReduceOp.MAX)
-        if int(have) == 0:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if error is not None:
+            raise error
+        if int(flags[0]):
+            raise DataError("stopping: another rank read bad input data (its error names the file and rows)")
+        if int(flags[1]) == 0:
             raise StopIteration
         if batch is None:
             batch = empty_batch(self.schema, 0)
@@ -126,9 +141,15 @@ def evaluate(
     return metrics.compute()
 
 
-def train(cfg: TrainConfig) -> dict | None:
+def train(cfg: TrainConfig, on_step: Callable[[int, torch.Tensor], None] | None = None) -> dict | None:
     """Trains ``cfg.model`` sharded over the current process group; returns the metrics dict
-    (written to ``OUTPUT/metrics.json`` by rank 0), None on other ranks."""
+    (written to ``OUTPUT/metrics.json`` by rank 0), None on other ranks. ``on_step(step, loss)``
+    is called after every optimizer step with this rank's loss.
+
+    With ``cfg.checkpoint_dir`` it resumes from the newest valid checkpoint there (model, fused
+    and dense optimizer state, loss-weight schedule, RNG, step and data position) and saves every
+    ``checkpoint_every_steps`` steps / ``checkpoint_every_minutes`` minutes and at the end.
+    """
     env = init_distributed()
     torch.manual_seed(cfg.seed)
     schema = Schema.load(cfg.data)
@@ -137,7 +158,7 @@ def train(cfg: TrainConfig) -> dict | None:
         out_dir.mkdir(parents=True, exist_ok=True)
 
     # Model on meta, sharded once; dense parts are materialised and initialised by DMP.
-    model = MTLTrainModule(build_model(schema, cfg.model, device="meta"), MultiTaskLoss(schema.tasks))
+    model = MTLTrainModule(build_model(schema, cfg.model, device="meta"), make_loss(cfg, schema))
     dmp, plan = shard_model(
         model, cfg.sharding, cfg.optim, device=env.device, world_size=env.world_size,
         local_world_size=env.local_world_size, batch_size=cfg.batch_size,
@@ -146,30 +167,50 @@ def train(cfg: TrainConfig) -> dict | None:
         (out_dir / "sharding_plan.txt").write_text(plan_summary(plan) + "\n\n" + str(plan) + "\n")
         print(f"sharding plan ({env.world_size} ranks):\n{plan_summary(plan)}", flush=True)
     optimizer = make_optimizer(dmp, cfg.optim)
+
+    # Checkpoint: resume from the newest valid one, if any.
+    checkpointer = make_checkpointer(cfg, env, schema, plan) if cfg.checkpoint_dir else None
+    position = TrainPosition()
+    if checkpointer is not None and (latest := checkpointer.latest()) is not None:
+        position = checkpointer.load(latest, dmp, optimizer)
+        if env.is_main:
+            print(f"resumed from {latest}: step {position.step}, epoch {position.epoch}, "
+                  f"batch {position.epoch_batches}", flush=True)
+
     if cfg.pipeline not in PIPELINES:
         raise ValueError(f"unknown pipeline {cfg.pipeline!r}; choose from {', '.join(PIPELINES)}")
     pipeline = PIPELINES[cfg.pipeline](dmp, optimizer, env.device)
+    loss_fn = dmp.module.loss  # its loss-weight schedule advances per step / epoch
 
-    steps, samples, train_time = 0, 0, 0.0
-    history: list[dict] = []
-    bar = tqdm(total=cfg.steps, disable=not env.is_main, unit="step", dynamic_ncols=True, mininterval=1.0)
-    for epoch in range(cfg.epochs if cfg.steps is None else 1 << 30):
+    steps, samples, train_time = position.step, 0, 0.0
+    history: list[dict] = position.history
+    saved_step = position.step if checkpointer is not None and position.step else None
+    num_epochs = cfg.epochs if cfg.steps is None else 1 << 30
+    bar = tqdm(total=cfg.steps, initial=steps, disable=not env.is_main, unit="step", dynamic_ncols=True,
+               mininterval=1.0)
+    for epoch in range(position.epoch, num_epochs):
+        if cfg.steps is not None and steps >= cfg.steps:
+            break
+        skip = position.epoch_batches if epoch == position.epoch else 0
         loader = make_dataloader(cfg.data, "train", batch_size=cfg.batch_size, rank=env.rank,
                                  world_size=env.world_size, num_workers=cfg.num_workers, drop_last=True,
-                                 epoch=epoch, seed=cfg.seed)
+                                 epoch=epoch, seed=cfg.seed, start_batch=skip)
         remaining = None if cfg.steps is None else cfg.steps - steps
         batches = SyncedIterator(iter(loader), batch_size=cfg.batch_size, schema=schema, mode="stop",
                                  device=env.device, max_steps=remaining)
         dmp.train()
         t0 = time.perf_counter()
-        epoch_steps = 0
+        epoch_batches = skip
         while True:
             try:
                 loss, *_ = pipeline.progress(batches)
             except StopIteration:
                 break
             steps += 1
-            epoch_steps += 1
+            epoch_batches += 1
+            loss_fn.step_done()
+            if on_step is not None:
+                on_step(steps, loss)
             samples += cfg.batch_size * env.world_size
             if steps % cfg.log_every == 0 or steps == 1:
                 elapsed = train_time + time.perf_counter() - t0
@@ -179,15 +220,24 @@ def train(cfg: TrainConfig) -> dict | None:
                 train_time += time.perf_counter() - t0
                 history.append({"step": steps, "tasks": _eval_detached(pipeline, dmp, cfg, schema, env)})
                 t0 = time.perf_counter()
+            if checkpointer is not None and checkpointer.due(steps):
+                train_time += time.perf_counter() - t0
+                checkpointer.save(dmp, optimizer, TrainPosition(steps, epoch, epoch_batches, history))
+                saved_step = steps
+                t0 = time.perf_counter()
         train_time += time.perf_counter() - t0
-        if epoch_steps == 0:
+        if epoch_batches == 0:
             if steps == 0:
-                raise RuntimeError(f"no training batches: the train split of {cfg.data} has fewer than "
-                                   f"batch_size={cfg.batch_size} rows on some rank")
-            break
+                raise _no_data_error(loader.dataset.num_batches(cfg.num_workers), cfg, env)
+            break  # an epoch without data: later epochs have none either
         if cfg.steps is not None and steps >= cfg.steps:
+            position = TrainPosition(steps, epoch, epoch_batches, history)
             break
+        loss_fn.epoch_done()
+        position = TrainPosition(steps, epoch + 1, 0, history)
     bar.close()
+    if checkpointer is not None and saved_step != steps:
+        checkpointer.save(dmp, optimizer, TrainPosition(steps, position.epoch, position.epoch_batches, history))
 
     final = _eval_detached(pipeline, dmp, cfg, schema, env)
     result = {
@@ -206,6 +256,40 @@ def train(cfg: TrainConfig) -> dict | None:
         print(f"\n{cfg.model.name}: {steps} steps x {env.world_size} ranks, "
               f"{result['samples_per_s']:,.0f} samples/s; eval metrics:\n{format_table(final)}", flush=True)
     return result if env.is_main else None
+
+
+def _no_data_error(my_batches: int, cfg: TrainConfig, env: DistEnv) -> DataError:
+    """Training stops as soon as any rank runs out of data, so a rank with none stops the job."""
+    counts = [my_batches]
+    if dist.is_initialized() and env.world_size > 1:
+        counts = [0] * env.world_size
+        dist.all_gather_object(counts, my_batches)
+    empty = [r for r, n in enumerate(counts) if n == 0]
+    return DataError(
+        f"{cfg.data}/train: no training batches on rank(s) {empty} (full batches of {cfg.batch_size} rows per rank: "
+        f"{counts}). Row groups are dealt round-robin to ranks, so the split needs at least "
+        f"world_size={env.world_size} row groups of at least batch_size rows each: rewrite it with smaller "
+        f"row groups, or use fewer ranks or a smaller batch size"
+    )
+
+
+def make_loss(cfg: TrainConfig, schema: Schema) -> MultiTaskLoss:
+    """The joint loss with the config's task weights and their schedule (PLE Eq. 9-10)."""
+    loss = getattr(cfg, "loss", None)
+    if loss is None:
+        return MultiTaskLoss(schema.tasks)
+    return MultiTaskLoss(schema.tasks, weights=loss.task_weights, decay=loss.task_weight_decay,
+                         weight_unit=loss.weight_unit)
+
+
+def make_checkpointer(cfg: TrainConfig, env: DistEnv, schema: Schema, plan) -> Checkpointer:
+    """The run's :class:`Checkpointer`: what must match on resume, and when to save."""
+    run_info = checkpoint_run_info(cfg, schema)
+    return Checkpointer(
+        cfg.checkpoint_dir, rank=env.rank, world_size=env.world_size, run_info=run_info, plan=plan,
+        plan_summary=plan_summary(plan), keep_last=cfg.keep_last, every_steps=cfg.checkpoint_every_steps,
+        every_minutes=cfg.checkpoint_every_minutes,
+    )
 
 
 def _eval_detached(pipeline, dmp: nn.Module, cfg: TrainConfig, schema: Schema, env: DistEnv):
