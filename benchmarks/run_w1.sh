@@ -18,13 +18,4 @@ wait_quiet() {
     echo "warning: machine still busy; timings will be noisy" >&2
 }
 wait_quiet "${QUIET_TIMEOUT:-900}"
-if .venv/bin/recsys-mtl bench --help >/dev/null 2>&1; then
-    .venv/bin/recsys-mtl bench w1 --peers --output "$OUT" --steps "$STEPS" --warmup "$WARMUP"
-else
-    # Until the CLI's `bench` subcommand lands: the same entry point it calls.
-    .venv/bin/python -c "
-import sys
-from recsys_mtl.bench import run_bench
-run_bench('w1', peers=True, output=sys.argv[1], steps=int(sys.argv[2]), warmup=int(sys.argv[3]))
-" "$OUT" "$STEPS" "$WARMUP"
-fi
+.venv/bin/recsys-mtl bench w1 --peers --output "$OUT" --steps "$STEPS" --warmup "$WARMUP"

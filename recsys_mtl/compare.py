@@ -32,11 +32,15 @@ def count_parameters(schema: Schema, cfg: TrainConfig) -> int:
 
 
 def run_configs(base: TrainConfig, models: Sequence[str], seeds: int) -> list[TrainConfig]:
-    """One config per model x seed, each writing to ``OUT/runs/MODEL/seedS``."""
+    """One config per model x seed, each writing to ``OUT/runs/MODEL/seedS`` (and, with a
+    checkpoint directory, checkpointing to ``CK/MODEL/seedS``, so an interrupted comparison
+    resumes every run where it stopped)."""
     out = Path(base.output_dir)
+    ck = Path(base.checkpoint_dir) if base.checkpoint_dir else None
     return [
         dataclasses.replace(
             base, seed=seed, output_dir=str(out / "runs" / m / f"seed{seed}"),
+            checkpoint_dir=str(ck / m / f"seed{seed}") if ck else None,
             model=dataclasses.replace(base.model, name=m),
         )
         for m in models
