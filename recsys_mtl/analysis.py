@@ -138,44 +138,87 @@ def subset_analysis(
 
 # ---- expert utilisation (PLE Fig. 8) ---------------------------------------------------------
 
+class GateRecorder:
+    """Context manager capturing the per-task mixture weights of a model's gates with forward hooks.
+
+    Recognises the ``Gates`` modules of MMoE/CGC/PLE (one gate per task; the last such module, i.e.
+    the last level, is recorded) and STEM-Net's per-task gate MLPs. Works on a plain model, its
+    train wrapper or a ``DistributedModelParallel`` (dense modules run locally on every rank).
+    ``supported`` is False for models without per-task gates; then nothing is recorded.
+
+    Example::
+
+        >>> from recsys_mtl.config import ModelConfig
+        >>> from recsys_mtl.models import build_model
+        >>> from recsys_mtl.testing import tiny_batch, tiny_schema
+        >>> s = tiny_schema()
+        >>> m = build_model(s, ModelConfig(name="mmoe", embedding_dim=4, num_experts=3))
+        >>> b = tiny_batch(s, 5)
+        >>> with GateRecorder(m, s.task_names) as rec:
+        ...     _ = m(b.dense, b.sparse)
+        >>> rec.batches[0]["click"].shape
+        (5, 3)
+    """
+
+    def __init__(self, model: nn.Module, task_names: Sequence[str]) -> None:
+        from recsys_mtl.models.stem import STEMNet
+        from recsys_mtl.modules.gates import Gates
+
+        self.task_names = list(task_names)
+        self.batches: list[dict[str, np.ndarray]] = []
+        self._targets: list[tuple[nn.Module, object]] = []
+        inner = model
+        for attr in ("module", "model"):  # DMP -> train wrapper -> model
+            while hasattr(inner, attr) and isinstance(getattr(inner, attr), nn.Module):
+                inner = getattr(inner, attr)
+        if isinstance(inner, STEMNet):
+            self._targets = [(inner.gates[t], ("stem", t)) for t in self.task_names]
+        else:
+            gates = [m for m in inner.modules() if isinstance(m, Gates) and m.num_gates == len(self.task_names)]
+            self._targets = [(gates[-1], ("gates", None))] if gates else []
+        self.supported = bool(self._targets)
+        self._hooks: list = []
+
+    def _hook(self, key):
+        kind, task = key
+
+        def fn(_module, _inputs, out):
+            if kind == "stem":
+                if not self.batches or task in self.batches[-1]:
+                    self.batches.append({})
+                self.batches[-1][task] = torch.softmax(out.detach(), -1).cpu().numpy()  # B x E
+            else:  # G x B x E
+                self.batches.append({t: out[k].detach().cpu().numpy() for k, t in enumerate(self.task_names)})
+
+        return fn
+
+    def __enter__(self) -> "GateRecorder":
+        self._hooks = [m.register_forward_hook(self._hook(key)) for m, key in self._targets]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def weights(self) -> dict[str, np.ndarray]:
+        """``{task: N x E}`` over every recorded batch."""
+        return {t: np.concatenate([b[t] for b in self.batches]) for t in self.task_names if self.batches}
+
+
 @torch.no_grad()
 def gate_weights(model: nn.Module, batches: Iterable, task_names: Sequence[str]) -> dict[str, np.ndarray]:
-    """Mixture weights of every gate for every eval sample, collected with forward hooks.
-
-    Recognises the ``Gates`` modules of MMoE/CGC/PLE (one gate per task: the last level's gates
-    are reported) and STEM-Net's per-task gate MLPs. Returns ``{task: N x E}``.
-    """
-    from recsys_mtl.models.stem import STEMNet
-    from recsys_mtl.modules.gates import Gates
-
-    captured: dict[str, list[np.ndarray]] = {t: [] for t in task_names}
-    hooks = []
-    inner = getattr(model, "model", model)
-    if isinstance(inner, STEMNet):
-        for t in task_names:
-            hooks.append(inner.gates[t].register_forward_hook(
-                lambda _m, _i, out, t=t: captured[t].append(torch.softmax(out, -1).cpu().numpy())))
-    else:
-        task_gates = [m for name, m in inner.named_modules() if isinstance(m, Gates) and m.num_gates == len(task_names)]
-        if not task_gates:
-            raise ValueError(f"{type(inner).__name__} has no per-task gates to analyse")
-        last = task_gates[-1]
-
-        def hook(_m, _i, out):  # G x B x E
-            for k, t in enumerate(task_names):
-                captured[t].append(out[k].cpu().numpy())
-
-        hooks.append(last.register_forward_hook(hook))
-    try:
-        was_training = model.training
-        model.eval()
+    """Mixture weights of every per-task gate for every sample of ``batches`` (``{task: N x E}``)."""
+    rec = GateRecorder(model, task_names)
+    if not rec.supported:
+        raise ValueError(f"{type(model).__name__} has no per-task gates to analyse")
+    was_training = model.training
+    model.eval()
+    with rec:
         for batch in batches:
             model(batch)
-        model.train(was_training)
-    finally:
-        for h in hooks:
-            h.remove()
-    return {t: np.concatenate(v) for t, v in captured.items() if v}
+    model.train(was_training)
+    return rec.weights()
 
 
 def expert_utilisation(weights: Mapping[str, np.ndarray]) -> dict[str, dict[str, list[float]]]:

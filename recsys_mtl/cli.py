@@ -178,6 +178,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers per rank")
     p.add_argument("--pipeline", choices=["sparse_dist", "base"], default=None)
+    p.add_argument("--no-eval-outputs", action="store_true",
+                   help="skip eval_predictions.parquet, gAUC and expert utilisation (huge eval splits)")
     g = p.add_argument_group("checkpoints and fault tolerance")
     g.add_argument("--checkpoint-dir", default=None,
                    help="DCP checkpoint directory (shared by all ranks); resumes from its newest valid checkpoint")
@@ -253,6 +255,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         model_kw["stem_stop_gradient"] = False
     optim_kw = {k: getattr(args, k) for k in _OPTIM_FLAGS if getattr(args, k) is not None}
     train_kw = {k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k) is not None}
+    if args.no_eval_outputs:
+        train_kw["eval_outputs"] = False
     per_table = dict(cfg.sharding.per_table)
     for item in args.table_sharding:
         if "=" not in item:

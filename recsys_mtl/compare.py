@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from recsys_mtl.analysis import mtl_gain
+from recsys_mtl.analysis import SubsetSpec, mtl_gain, plot_subsets, subset_analysis
 from recsys_mtl.config import TrainConfig
 from recsys_mtl.data.schema import Schema
 
@@ -64,6 +64,7 @@ def compare(base: TrainConfig, models: Sequence[str], seeds: int) -> list[dict] 
     params = {m: count_parameters(schema, dataclasses.replace(base, model=dataclasses.replace(base.model, name=m)))
               for m in models}
     write_reports(Path(base.output_dir), results, schema, list(models), params)
+    write_subset_analysis(Path(base.output_dir), schema, list(models))
     return results
 
 
@@ -142,3 +143,42 @@ def plot_comparison(table: dict, schema: Schema, path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def write_subset_analysis(out: Path, schema: Schema, models: list[str], seed: int = 0) -> Path | None:
+    """STEM-Net's subset analysis on seed ``seed``: the single-task model's predictions for the
+    first two binary tasks A and B define the A-overwhelming / comparable / B-overwhelming
+    subsets; every model's AUC is reported on each subset, for each of the two tasks.
+
+    Needs the single-task run and every run's ``eval_predictions.parquet`` (same eval rows in the
+    same order: same dataset and world size). Writes ``OUT/subsets.md`` and ``OUT/subsets_TASK.png``.
+    """
+    import pyarrow.parquet as pq
+
+    binary = [t.name for t in schema.tasks if t.kind == "binary"][:2]
+    files = {m: out / "runs" / m / f"seed{seed}" / "eval_predictions.parquet" for m in models}
+    if BASELINE not in models or len(binary) < 2 or not all(f.exists() for f in files.values()):
+        return None
+    tables = {m: pq.read_table(f).to_pandas() for m, f in files.items()}
+    ref = tables[BASELINE]
+    a, b = binary
+    if any(len(t) != len(ref) or not (t[f"{a}_label"].values == ref[f"{a}_label"].values).all() for t in tables.values()):
+        return None  # eval rows differ between runs: nothing to align
+    lines = [f"STEM-Net subset analysis (seed {seed}): subsets by the difference of the single-task "
+             f"models' bucket indices (10 equal-frequency buckets), A = {a}, B = {b}; AUC per subset.", ""]
+    for task in binary:
+        m = ref[f"{task}_mask"].values & ref[f"{a}_mask"].values & ref[f"{b}_mask"].values
+        res = subset_analysis(
+            ref[f"{a}_pred"].values[m], ref[f"{b}_pred"].values[m],
+            {name: t[f"{task}_pred"].values[m] for name, t in tables.items()},
+            ref[f"{task}_label"].values[m], SubsetSpec(),
+        )
+        subsets = list(res)
+        lines += [f"**{task}**", "", "| model | " + " | ".join(f"{s} (n={int(res[s]['size'])})" for s in subsets) + " |",
+                  "|---|" + "---|" * len(subsets)]
+        for name in models:
+            lines.append(f"| {name} | " + " | ".join(f"{res[s][name]:.4f}" for s in subsets) + " |")
+        lines.append("")
+        plot_subsets(res, out / f"subsets_{task}.png", title=f"{task}: AUC by subset ({a} vs {b} feedback)")
+    (out / "subsets.md").write_text("\n".join(lines) + "\n")
+    return out / "subsets.md"

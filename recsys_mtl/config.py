@@ -129,6 +129,9 @@ class TrainConfig:
         epochs: passes over the train split (ignored when ``steps`` is set).
         steps: stop after this many steps per rank.
         eval_every: evaluate every N steps (0: only at the end).
+        eval_outputs: after the final evaluation, gather every eval row's predictions to rank 0
+            (``eval_predictions.parquet``, gAUC by the schema's user id feature) and the gate
+            weights (``expert_utilisation.json``/``.png``); off for eval splits too big for memory.
         seed: model initialisation and data order seed.
         num_workers: DataLoader workers per rank.
         log_every: progress bar refresh period in steps.
@@ -146,6 +149,7 @@ class TrainConfig:
     epochs: int = 1
     steps: int | None = None
     eval_every: int = 0
+    eval_outputs: bool = True
     seed: int = 0
     num_workers: int = 0
     log_every: int = 10

@@ -7,6 +7,7 @@ evaluation → outputs. Checkpoint mechanics live in :mod:`recsys_mtl.train.chec
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -26,8 +27,10 @@ from recsys_mtl.data.schema import Schema
 from recsys_mtl.distributed.env import DistEnv, init_distributed
 from recsys_mtl.distributed.optim import make_optimizer
 from recsys_mtl.distributed.sharding import plan_summary, shard_model
+from recsys_mtl.analysis import GateRecorder
 from recsys_mtl.metrics import MTLMetrics, format_table
 from recsys_mtl.models import build_model
+from recsys_mtl.train.eval_outputs import EvalCollector, write_eval_outputs
 from recsys_mtl.train.checkpoint import Checkpointer, TrainPosition, checkpoint_run_info
 from recsys_mtl.train.losses import MultiTaskLoss
 from recsys_mtl.train.task import MTLTrainModule
@@ -123,20 +126,24 @@ def pad_batch(batch: MTLBatch, batch_size: int) -> MTLBatch:
 
 
 def evaluate(
-    model: nn.Module, cfg: TrainConfig, schema: Schema, env: DistEnv
+    model: nn.Module, cfg: TrainConfig, schema: Schema, env: DistEnv, collector: EvalCollector | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Runs the sharded model over the eval split (every rank its share) and returns per-task metrics."""
+    """Runs the sharded model over the eval split (every rank its share) and returns per-task
+    metrics. With a ``collector`` it also keeps every eval row's predictions and gate weights."""
     metrics = MTLMetrics(schema.tasks, batch_size=cfg.batch_size, world_size=env.world_size, rank=env.rank,
                          device=env.device)
     loader = make_dataloader(cfg.data, "eval", batch_size=cfg.batch_size, rank=env.rank,
                              world_size=env.world_size, num_workers=cfg.num_workers)
     batches = SyncedIterator(iter(loader), batch_size=cfg.batch_size, schema=schema, mode="pad", device=env.device)
+    gates = GateRecorder(model, schema.task_names) if collector is not None else None
     was_training = model.training
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), (gates if gates is not None and gates.supported else contextlib.nullcontext()):
         for batch in batches:
             _, (_, logits, labels, mask) = model(batch)
             metrics.update(logits, labels, mask)
+            if collector is not None:
+                collector.add(batch, logits, gates.batches[-1] if gates.supported and gates.batches else None)
     model.train(was_training)
     return metrics.compute()
 
@@ -239,7 +246,13 @@ def train(cfg: TrainConfig, on_step: Callable[[int, torch.Tensor], None] | None 
     if checkpointer is not None and saved_step != steps:
         checkpointer.save(dmp, optimizer, TrainPosition(steps, position.epoch, position.epoch_batches, history))
 
-    final = _eval_detached(pipeline, dmp, cfg, schema, env)
+    collector = EvalCollector(schema) if cfg.eval_outputs else None
+    final = _eval_detached(pipeline, dmp, cfg, schema, env, collector)
+    if collector is not None:
+        gathered = collector.gather(env.rank, env.world_size)
+        if gathered is not None:  # rank 0: gAUC, eval_predictions.parquet, expert utilisation
+            for task, extra in write_eval_outputs(out_dir, schema, *gathered, cfg.model.name).items():
+                final[task].update(extra)
     result = {
         "model": cfg.model.name,
         "world_size": env.world_size,
@@ -292,13 +305,14 @@ def make_checkpointer(cfg: TrainConfig, env: DistEnv, schema: Schema, plan) -> C
     )
 
 
-def _eval_detached(pipeline, dmp: nn.Module, cfg: TrainConfig, schema: Schema, env: DistEnv):
+def _eval_detached(pipeline, dmp: nn.Module, cfg: TrainConfig, schema: Schema, env: DistEnv,
+                   collector: EvalCollector | None = None):
     # The pipeline rewrote the sharded modules' forwards to consume its prefetched inputs;
     # detach restores them for a plain forward over the eval data, attach re-installs them
     # (in-flight training batches are kept, so no sample is skipped).
     model = pipeline.detach() if hasattr(pipeline, "detach") else dmp
     try:
-        return evaluate(model, cfg, schema, env)
+        return evaluate(model, cfg, schema, env, collector)
     finally:
         if hasattr(pipeline, "attach"):
             pipeline.attach(model)

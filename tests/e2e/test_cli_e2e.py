@@ -37,6 +37,18 @@ def _check_metrics(out: Path, model: str) -> dict:
     for task, m in metrics["tasks"].items():
         assert {"auc", "logloss"} <= set(m)
         assert m["auc"] > 0.65, (task, m)  # the generator puts learnable signal in both tasks
+    # The per-sample predictions gathered from both ranks reproduce torchrec.metrics' global AUC,
+    # and gAUC is reported by user.
+    import pyarrow.parquet as pq
+    from sklearn.metrics import roc_auc_score
+
+    preds = pq.read_table(out / "eval_predictions.parquet").to_pandas()
+    for task, m in metrics["tasks"].items():
+        rows = preds[preds[f"{task}_mask"]]
+        assert roc_auc_score(rows[f"{task}_label"], rows[f"{task}_pred"]) == pytest.approx(m["auc"], abs=1e-4)
+        assert 0.5 < m["gauc"] < 1.0
+    util = json.loads((out / "expert_utilisation.json").read_text())
+    assert set(util) == {"click", "like"} and abs(sum(util["click"]["mean"]) - 1.0) < 1e-4
     plan = (out / "sharding_plan.txt").read_text()
     assert "row_wise" in plan or "table_wise" in plan or "column_wise" in plan
     return metrics

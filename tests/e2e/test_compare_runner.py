@@ -59,3 +59,6 @@ def test_compare_two_ranks(tmp_path: Path) -> None:
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
     for m in ("single_task", "mmoe", "ple"):
         assert (out / "runs" / m / "seed1" / "metrics.json").exists()
+    subsets = (out / "subsets.md").read_text()
+    assert "comparable" in subsets and "| ple |" in subsets
+    assert (out / "subsets_like.png").read_bytes()[:4] == b"\x89PNG"
