@@ -120,6 +120,10 @@ class AITM(nn.Module):
             logits[t] = self.towers[t](z)
         return logits
 
+    def auxiliary_loss(self, logits: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Added to the task losses by the train wrapper: the behavioural expectation calibrator."""
+        return self.calibrator_loss(logits)
+
     def calibrator_loss(self, logits: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Behavioural expectation calibrator ``α · mean_b Σ_{t≥2} max(ŷ_t - ŷ_{t-1}, 0)``.
 

@@ -126,6 +126,13 @@ class ESMM(nn.Module):
         self.input = SparseDenseInput(embedding_bag_collection, dense_in_features)
         self.towers = nn.ModuleDict({t: Tower(self.input.out_features, tower_layer_sizes) for t in self.tasks})
 
+    def training_targets(
+        self, labels: torch.Tensor, label_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Entire-space funnel labels (:func:`ctcvr_targets`); the train wrapper applies them, so
+        data with conversion null outside clicks trains ESMM over the whole impression space."""
+        return ctcvr_targets(labels, label_mask)
+
     def tower_logits(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
         """Each step's own (conditional) logit: pCTR, pCVR, ... before the product; each ``B``."""
         x = self.input(dense, sparse)  # B x D

@@ -14,7 +14,9 @@ class MTLTrainModule(nn.Module):
 
     Like TorchRec's ``DLRMTrain``: ``forward(batch)`` returns ``(loss, (loss, logits, labels,
     label_mask))`` where ``logits`` is ``B x T`` in task order, so ``TrainPipelineSparseDist``
-    can run it and the trainer can feed metrics.
+    can run it and the trainer can feed metrics. Models may define ``training_targets`` (labels
+    they are trained and evaluated on, e.g. ESMM's CTCVR) and ``auxiliary_loss`` (e.g. AITM's
+    calibrator); both are used when present.
 
     Args:
         model (nn.Module): the multi-task model.
@@ -37,11 +39,22 @@ class MTLTrainModule(nn.Module):
         self.model = model
         self.loss = loss
         self.task_names = [t.name for t in loss.tasks]
+        # Optional model hooks, resolved once (static for torch.fx tracing):
+        #   training_targets(labels, mask) -> (labels, mask): the labels the model is trained and
+        #     evaluated against (ESMM's entire-space CTCVR labels);
+        #   auxiliary_loss(logits) -> scalar added to the task losses (AITM's calibrator).
+        self._targets_hook = hasattr(model, "training_targets")
+        self._aux_hook = hasattr(model, "auxiliary_loss")
 
     def forward(
         self, batch: MTLBatch
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        labels, mask = batch.labels, batch.label_mask
+        if self._targets_hook:  # e.g. ESMM: entire-space funnel labels
+            labels, mask = self.model.training_targets(labels, mask)
         logits = self.model(batch.dense, batch.sparse)
-        total, _ = self.loss(logits, batch.labels, batch.label_mask)
+        total, _ = self.loss(logits, labels, mask)
+        if self._aux_hook:  # e.g. AITM's calibrator
+            total = total + self.model.auxiliary_loss(logits)
         stacked = torch.stack([logits[t] for t in self.task_names], dim=1)  # B x T
-        return total, (total.detach(), stacked.detach(), batch.labels, batch.label_mask)
+        return total, (total.detach(), stacked.detach(), labels, mask)

@@ -293,3 +293,33 @@ def test_ml_mmoe_matches_its_definition() -> None:
     for k, t in enumerate(schema.task_names):
         expected = m.towers[t]((gate(m.task_gates, k, x).unsqueeze(-1) * upper).sum(1))
         assert torch.allclose(out[t], expected, atol=1e-5)
+
+
+def test_train_wrapper_uses_esmm_targets_and_aitm_calibrator() -> None:
+    """ESMM trains on entire-space CTCVR labels; AITM's calibrator is added to the loss."""
+    import dataclasses as _dc
+
+    from recsys_mtl.config import ModelConfig as _MC
+    from recsys_mtl.models import build_model as _build
+    from recsys_mtl.testing import tiny_batch as _batch, tiny_schema as _schema
+    from recsys_mtl.train.losses import MultiTaskLoss as _Loss
+    from recsys_mtl.train.task import MTLTrainModule as _Train
+
+    torch.manual_seed(0)
+    s = _schema()
+    cfg = _MC(embedding_dim=4, bottom_layer_sizes=(8,), tower_layer_sizes=(4,))
+    b = _batch(s, 16)
+    b.label_mask[:, 1] = b.labels[:, 0].bool()  # conversion only observed after a click
+    esmm = _Train(_build(s, _dc.replace(cfg, name="esmm")), _Loss(s.tasks))
+    _, (_, _, labels, mask) = esmm(b)
+    assert bool(mask.all())  # entire space
+    assert torch.equal(labels[:, 1], b.labels[:, 0] * torch.where(b.label_mask[:, 1], b.labels[:, 1], 0.0))
+    aitm = _Train(_build(s, _dc.replace(cfg, name="aitm")), _Loss(s.tasks))
+    total, (_, logits, _, _) = aitm(b)
+    plain, _ = aitm.loss({t: logits[:, k] for k, t in enumerate(s.task_names)}, b.labels, b.label_mask)
+    expected = aitm.model.calibrator_loss({t: logits[:, k] for k, t in enumerate(s.task_names)})
+    assert float(total) == pytest.approx(float(plain + expected), rel=1e-6)
+    # the calibrator penalises a later task predicted above the earlier one, and only that
+    up = aitm.model.calibrator_loss({s.task_names[0]: torch.full((4,), -2.0), s.task_names[1]: torch.full((4,), 2.0)})
+    down = aitm.model.calibrator_loss({s.task_names[0]: torch.full((4,), 2.0), s.task_names[1]: torch.full((4,), -2.0)})
+    assert float(up) > 0 and float(down) == 0
