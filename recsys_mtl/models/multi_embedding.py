@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recsys_mtl.models.ple import ExtractionLayer
+from recsys_mtl.models.ple import extraction_levels
 from recsys_mtl.modules.experts import Experts
 from recsys_mtl.modules.gates import Gates
 from recsys_mtl.modules.mlp import Tower
@@ -130,15 +130,10 @@ class MEPLE(nn.Module):
             raise ValueError(f"MEPLE needs num_levels >= 1, got {num_levels}")
         self.tasks = list(task_embedding_bag_collections)
         self.input = TableSetInputs(task_embedding_bag_collections, dense_in_features, shared_embedding_bag_collection)
-        levels, d = [], self.input.out_features
-        for j in range(num_levels):
-            level = ExtractionLayer(
-                d, len(self.tasks), num_task_experts, num_shared_experts, expert_layer_sizes,
-                with_shared_gate=j < num_levels - 1, grouped_input=True,
-            )
-            levels.append(level)
-            d = level.out_features
-        self.levels = nn.ModuleList(levels)
+        self.levels, d = extraction_levels(
+            self.input.out_features, len(self.tasks), num_levels, num_task_experts, num_shared_experts,
+            expert_layer_sizes, first_level_grouped=True,
+        )
         self.towers = nn.ModuleDict({t: Tower(d, tower_layer_sizes) for t in self.tasks})
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> dict[str, torch.Tensor]:

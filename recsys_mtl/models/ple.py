@@ -96,6 +96,29 @@ class ExtractionLayer(nn.Module):
         return task_mixed, shared_mixed
 
 
+def extraction_levels(
+    in_features: int,
+    num_tasks: int,
+    num_levels: int,
+    num_task_experts: int,
+    num_shared_experts: int,
+    expert_layer_sizes: Sequence[int],
+    first_level_grouped: bool,
+) -> tuple[nn.ModuleList, int]:
+    """``num_levels`` stacked :class:`ExtractionLayer` (the shared gate dropped at the last level)
+    and the output width. ``first_level_grouped``: the first level's task branches already read
+    per-task inputs (ME-PLE's task tables) instead of one shared input (PLE)."""
+    levels, d = [], in_features
+    for j in range(num_levels):
+        level = ExtractionLayer(
+            d, num_tasks, num_task_experts, num_shared_experts, expert_layer_sizes,
+            with_shared_gate=j < num_levels - 1, grouped_input=first_level_grouped or j > 0,
+        )
+        levels.append(level)
+        d = level.out_features
+    return nn.ModuleList(levels), d
+
+
 class PLE(nn.Module):
     """Progressive Layered Extraction: ``num_levels`` stacked CGC levels, then towers (Eq. 7).
 
@@ -137,15 +160,10 @@ class PLE(nn.Module):
             raise ValueError(f"PLE needs num_levels >= 1, got {num_levels}")
         self.tasks = list(tasks)
         self.input = SparseDenseInput(embedding_bag_collection, dense_in_features)
-        levels, d = [], self.input.out_features
-        for j in range(num_levels):
-            level = ExtractionLayer(
-                d, len(self.tasks), num_task_experts, num_shared_experts, expert_layer_sizes,
-                with_shared_gate=j < num_levels - 1, grouped_input=j > 0,
-            )
-            levels.append(level)
-            d = level.out_features
-        self.levels = nn.ModuleList(levels)
+        self.levels, d = extraction_levels(
+            self.input.out_features, len(self.tasks), num_levels, num_task_experts, num_shared_experts,
+            expert_layer_sizes, first_level_grouped=False,
+        )
         self.towers = nn.ModuleDict({t: Tower(d, tower_layer_sizes) for t in self.tasks})
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
