@@ -1,8 +1,9 @@
 """Throughput benchmarks against peers (DESIGN.md §7, §8).
 
-:func:`run_bench` trains recsys_mtl's pipelined, sharded model and, with ``peers=True``, a plain
-PyTorch PLE and torch-rechub's PLE on the same pre-generated synthetic batches in one process,
-with ``torch`` on 2 threads, and returns (and optionally writes) the ``bench`` JSON.
+:func:`run_bench` trains recsys_mtl's pipelined, sharded model and, with ``peers=True``, the same
+architecture in plain PyTorch and (W1 only: torch-rechub has no STEM-Net) torch-rechub's PLE on
+the same pre-generated synthetic batches in one process, with ``torch`` on 2 threads, and returns
+(and optionally writes) the ``bench`` JSON.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from recsys_mtl.bench.gemm import measure_gemm_gflops, ple_dense_flops_per_sample
+from recsys_mtl.bench.gemm import dense_flops_per_sample, measure_gemm_gflops
 from recsys_mtl.bench.runner import median_s, run_contenders
 from recsys_mtl.bench.timing import peak_rss_mb
 from recsys_mtl.bench.workloads import Workload, get_workload, make_batches
@@ -25,6 +26,8 @@ __all__ = ["run_bench", "format_table", "get_workload", "Workload"]
 
 THREADS = 2
 CONTENDERS = ("recsys_mtl", "plain_pytorch", "torch_rechub")
+# Peers that implement each model; torch-rechub has no STEM-Net, so W2 reports no torch_rechub key.
+PEERS_FOR_MODEL = {"ple": ("plain_pytorch", "torch_rechub"), "stem": ("plain_pytorch",)}
 
 
 def _machine() -> dict:
@@ -57,8 +60,9 @@ def run_bench(
     """Benchmarks ``workload`` and returns the ``bench`` JSON (DESIGN.md §8), extra keys included.
 
     Args:
-        workload (str): ``w1`` (``w2`` is not implemented yet; ``w1_tiny`` is a toy-size smoke test).
-        peers (bool): also run the plain PyTorch and torch-rechub peers.
+        workload (str): ``w1`` or ``w2`` (``w1_tiny`` / ``w2_tiny`` are toy-size smoke tests).
+        peers (bool): also run the peers: plain PyTorch and torch-rechub for W1, plain PyTorch
+            only for W2 (torch-rechub has no STEM-Net; its key is omitted).
         output (str | None): write the JSON there too.
         steps (int): timed steps per contender.
         warmup (int): untimed steps per contender before profiling and before timing.
@@ -73,7 +77,7 @@ def run_bench(
         raise ValueError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
     w = get_workload(workload)
     bsz = batch_size or w.batch_size
-    names = list(CONTENDERS if peers else CONTENDERS[:1])
+    names = ["recsys_mtl"] + (list(PEERS_FOR_MODEL[w.model.name]) if peers else [])
     threads_before = torch.get_num_threads()
     torch.set_num_threads(THREADS)
     try:
@@ -92,7 +96,7 @@ def run_bench(
     finally:
         torch.set_num_threads(threads_before)
 
-    flops = ple_dense_flops_per_sample(w.model, len(w.schema.sparse), len(w.schema.dense), len(w.schema.tasks))
+    flops = dense_flops_per_sample(w.model, len(w.schema.sparse), len(w.schema.dense), len(w.schema.tasks))
     sps = {c.name: bsz / median_s(c) for c in contenders}
     result: dict = {
         "workload": workload,
@@ -107,6 +111,8 @@ def run_bench(
         "ratios": {f"recsys_mtl/{k}": sps["recsys_mtl"] / v for k, v in sps.items() if k != "recsys_mtl"},
         "peak_rss_mb": peak_rss_mb(),
         "rss_delta_mb": {c.name: c.rss_delta_mb for c in contenders},
+        "scale": w.scale,
+        "sequential": w.sequential,
         "steps": steps,
         "warmup": warmup,
         "torch_threads": threads,
@@ -114,6 +120,10 @@ def run_bench(
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": _machine(),
     }
+    if w.sequential:
+        result["rss_mb"] = {c.name: c.rss_mb for c in contenders}  # process RSS while each one lived
+    if peers and "torch_rechub" not in names:
+        result["absent"] = {"torch_rechub": f"torch-rechub has no {w.model.name} model"}
     if print_table:
         print(format_table(result), flush=True)
     if output:

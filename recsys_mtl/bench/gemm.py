@@ -68,3 +68,38 @@ def ple_dense_flops_per_sample(model: ModelConfig, num_sparse: int, num_dense: i
     macs += t * (tower_macs + last)
     fwd = 2.0 * macs
     return {"fwd": fwd, "fwd_bwd": 3.0 * fwd}
+
+
+def stem_dense_flops_per_sample(model: ModelConfig, num_sparse: int, num_dense: int, num_tasks: int) -> dict[str, float]:
+    """Dense FLOPs per sample of STEM-Net with every feature task-specific (as
+    :func:`ple_dense_flops_per_sample`: matmul multiply-adds x 2, fwd+bwd = 3 x fwd).
+
+    Example::
+
+        >>> from recsys_mtl.bench.workloads import w2
+        >>> w = w2()
+        >>> f = stem_dense_flops_per_sample(w.model, 26, 0, 2)
+        >>> round(f["fwd_bwd"] / 1e6, 2)
+        4.68
+    """
+    d = num_sparse * model.embedding_dim + num_dense
+    t, n, m = num_tasks, model.num_task_experts, model.num_shared_experts
+    e_macs, h = _mlp_macs(d, model.expert_layer_sizes)
+    macs = (t * n + m) * e_macs  # task-specific + shared experts
+    gate_in = 2 * d if model.stem_gate_input == "concat" else d
+    g_macs, g_last = _mlp_macs(gate_in, model.gate_layer_sizes)
+    macs += t * (g_macs + g_last * (t * n + m))  # one gate MLP + score layer per task
+    macs += t * (t * n + m) * h  # mixing
+    tower_macs, last = _mlp_macs(h, model.tower_layer_sizes)
+    macs += t * (tower_macs + last)
+    fwd = 2.0 * macs
+    return {"fwd": fwd, "fwd_bwd": 3.0 * fwd}
+
+
+def dense_flops_per_sample(model: ModelConfig, num_sparse: int, num_dense: int, num_tasks: int) -> dict[str, float]:
+    """Dense FLOPs per sample of a benchmark model (``ple`` or ``stem``)."""
+    if model.name == "ple":
+        return ple_dense_flops_per_sample(model, num_sparse, num_dense, num_tasks)
+    if model.name == "stem":
+        return stem_dense_flops_per_sample(model, num_sparse, num_dense, num_tasks)
+    raise ValueError(f"no dense FLOP count for model {model.name!r}")

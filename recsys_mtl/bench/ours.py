@@ -1,6 +1,7 @@
 """recsys_mtl's contender: the library's own training path, as the trainer runs it.
 
-``build_model(..., "meta")`` → :class:`MTLTrainModule` → ``shard_model`` on a one-rank gloo group
+``build_model(workload.schema, workload.model, "meta")`` (any workload's architecture: W1's PLE,
+W2's STEM-Net) → :class:`MTLTrainModule` → ``shard_model`` on a one-rank gloo group
 (fused EXACT_ROWWISE_ADAGRAD tables) → ``make_optimizer`` (fused sparse + dense Adam); the runner
 drives it with ``TrainPipelineSparseDist``.
 """
@@ -36,6 +37,18 @@ def build_ours(workload: Workload, batch_size: int) -> tuple[DistributedModelPar
         world_size=env.world_size, local_world_size=env.local_world_size, batch_size=batch_size,
     )
     return dmp, make_optimizer(dmp, OPTIM), env.device
+
+
+def find_ebcs(model: nn.Module) -> list[nn.Module]:
+    """Every (sharded or unsharded) ``EmbeddingBagCollection`` in the model, in module order
+    (PLE's one input EBC; STEM-Net's shared and per-task table sets)."""
+    from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+    found = [m for m in model.modules() if isinstance(m, (ShardedEmbeddingBagCollection, EmbeddingBagCollection))]
+    if not found:
+        raise RuntimeError("no EmbeddingBagCollection in the model")
+    return found
 
 
 def find_input_module(model: nn.Module) -> SparseDenseInput:

@@ -1,10 +1,12 @@
 """The peers recsys_mtl is measured against, on the same batches and architecture.
 
-* ``plain_pytorch``: PLE written the straightforward way — one ``nn.EmbeddingBag(sparse=True)``
-  per feature, one ``nn.Sequential`` per expert, ``Linear`` + softmax gates, towers; SparseAdam for
-  the tables and Adam for the rest.
+* ``plain_pytorch``: PLE (W1) or STEM-Net (W2) written the straightforward way — one
+  ``nn.EmbeddingBag(sparse=True)`` per feature (per table set for STEM-Net), one ``nn.Sequential``
+  per expert, ``Linear`` + softmax gates (an MLP gate for STEM-Net), towers; SparseAdam for the
+  tables and Adam for the rest.
 * ``torch_rechub``: torch-rechub 0.9.0's own ``PLE`` with its embedding layer, trained with Adam
-  as its trainer does (imported only when asked for).
+  as its trainer does (imported only when asked for). torch-rechub has no STEM-Net, so W2 has no
+  torch-rechub contender.
 """
 
 from __future__ import annotations
@@ -116,6 +118,10 @@ class PlainPLE(nn.Module):
             {t: nn.Sequential(_mlp(d, tower_layer_sizes), nn.Linear(([d, *tower_layer_sizes])[-1], 1)) for t in self.tasks}
         )
 
+    def tables(self) -> list[tuple[str, nn.EmbeddingBag]]:
+        """``(feature, table)`` for every table."""
+        return list(self.embeddings.items())
+
     def forward(self, dense: torch.Tensor, ids: dict[str, torch.Tensor], offsets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         emb = [bag(ids[name], offsets[name]) for name, bag in self.embeddings.items()]  # F x [B x D]
         x = torch.cat(emb + [dense], dim=1)  # B x (F*D + F_dense)
@@ -134,13 +140,160 @@ def plain_inputs(batch: MTLBatch) -> tuple[dict[str, torch.Tensor], dict[str, to
     return ids, offsets
 
 
+def _bags(num_embeddings: dict[str, tuple[int, str]], features: Sequence[str], dim: int) -> nn.ModuleDict:
+    return nn.ModuleDict(
+        {f: nn.EmbeddingBag(num_embeddings[f][0], dim, mode=num_embeddings[f][1], sparse=True) for f in features}
+    )
+
+
+class PlainSTEM(nn.Module):
+    """STEM-Net in plain PyTorch: ``forward(dense, ids, offsets) -> dict[task, logits]``.
+
+    A shared table set and one table set per task for the task-specific features, each one
+    ``nn.EmbeddingBag(sparse=True)`` per feature; one ``nn.Sequential`` per expert (task ``i``'s
+    experts read task ``i``'s embeddings, shared experts the shared ones); per task an MLP gate
+    over all experts where other tasks' experts are detached (stop-gradient); towers.
+
+    Args:
+        schema (Schema): features and tasks.
+        embedding_dim (int): table width.
+        specific_features (Sequence[str]): features with task-specific tables.
+        num_shared_experts (int): shared experts.
+        num_task_experts (int): specific experts per task.
+        expert_layer_sizes (Sequence[int]): expert widths.
+        gate_layer_sizes (Sequence[int]): gate MLP hidden widths.
+        tower_layer_sizes (Sequence[int]): tower hidden widths.
+        gate_input (str): ``concat``, ``sum``, ``task`` or ``shared`` (as STEMNet).
+        stop_gradient (bool): detach other tasks' experts in each task's mixture.
+
+    Example::
+
+        >>> from recsys_mtl.testing import tiny_schema, tiny_batch
+        >>> s = tiny_schema()
+        >>> m = PlainSTEM(s, 4, s.sparse_names, 1, 1, [8], [8], [4])
+        >>> b = tiny_batch(s, 3)
+        >>> m(b.dense, *plain_inputs(b))["like"].shape
+        torch.Size([3])
+    """
+
+    def __init__(
+        self, schema: Schema, embedding_dim: int, specific_features: Sequence[str], num_shared_experts: int,
+        num_task_experts: int, expert_layer_sizes: Sequence[int], gate_layer_sizes: Sequence[int],
+        tower_layer_sizes: Sequence[int], gate_input: str = "concat", stop_gradient: bool = True,
+    ) -> None:
+        super().__init__()
+        self.tasks = schema.task_names
+        self.features = schema.sparse_names
+        self.num_dense = len(schema.dense)
+        self.gate_input = gate_input
+        self.stop_gradient = stop_gradient
+        sizes = {f.name: (f.num_embeddings, f.pooling) for f in schema.sparse}
+        self.shared_tables = _bags(sizes, self.features, embedding_dim)
+        self.task_tables = nn.ModuleDict(
+            {t: _bags(sizes, specific_features, embedding_dim) for t in self.tasks} if specific_features else {}
+        )
+        d = len(self.features) * embedding_dim + self.num_dense
+        self.task_experts = nn.ModuleList(
+            nn.ModuleList(_mlp(d, expert_layer_sizes) for _ in range(num_task_experts)) for _ in self.tasks
+        )
+        self.shared_experts = nn.ModuleList(_mlp(d, expert_layer_sizes) for _ in range(num_shared_experts))
+        gate_in = 2 * d if gate_input == "concat" else d
+        num_all = len(self.tasks) * num_task_experts + num_shared_experts
+        self.gates = nn.ModuleDict(
+            {t: nn.Sequential(_mlp(gate_in, gate_layer_sizes), nn.Linear(([gate_in, *gate_layer_sizes])[-1], num_all))
+             for t in self.tasks}
+        )
+        h = expert_layer_sizes[-1]
+        self.towers = nn.ModuleDict(
+            {t: nn.Sequential(_mlp(h, tower_layer_sizes), nn.Linear(([h, *tower_layer_sizes])[-1], 1)) for t in self.tasks}
+        )
+
+    def tables(self) -> list[tuple[str, nn.EmbeddingBag]]:
+        """``(feature, table)`` for every table of every table set."""
+        out = list(self.shared_tables.items())
+        for bags in self.task_tables.values():
+            out += list(bags.items())
+        return out
+
+    def forward(self, dense: torch.Tensor, ids: dict[str, torch.Tensor], offsets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        dense_part = [dense] if self.num_dense else []
+        shared = {f: bag(ids[f], offsets[f]) for f, bag in self.shared_tables.items()}  # f -> B x D
+        x_s = torch.cat([shared[f] for f in self.features] + dense_part, dim=1)  # B x (F*D + F_dense)
+        x_t = []
+        for t in self.tasks:
+            if t not in self.task_tables:
+                x_t.append(x_s)
+                continue
+            own = self.task_tables[t]
+            parts = [own[f](ids[f], offsets[f]) if f in own else shared[f] for f in self.features]
+            x_t.append(torch.cat(parts + dense_part, dim=1))  # B x (F*D + F_dense)
+        task_out = [[e(x_t[k]) for e in experts] for k, experts in enumerate(self.task_experts)]  # T x n x [B x H]
+        shared_out = [e(x_s) for e in self.shared_experts]  # m x [B x H]
+        logits = {}
+        for i, t in enumerate(self.tasks):
+            experts = []
+            for k, outs in enumerate(task_out):
+                experts += outs if k == i or not self.stop_gradient else [o.detach() for o in outs]
+            experts += shared_out
+            if self.gate_input == "concat":
+                g_in = torch.cat([x_t[i], x_s], dim=1)
+            elif self.gate_input == "sum":
+                g_in = x_t[i] + x_s
+            elif self.gate_input == "task":
+                g_in = x_t[i]
+            else:
+                g_in = x_s
+            w = torch.softmax(self.gates[t](g_in), dim=-1)  # B x E
+            mixed = (w.unsqueeze(-1) * torch.stack(experts, dim=1)).sum(dim=1)  # B x H
+            logits[t] = self.towers[t](mixed).squeeze(-1)
+        return logits
+
+
+def _linears(module: nn.Module) -> list[nn.Linear]:
+    return [m for m in module.modules() if isinstance(m, nn.Linear)]
+
+
 @torch.no_grad()
-def load_from_recsys_mtl(plain: PlainPLE, ours: nn.Module) -> PlainPLE:
-    """Copies an unsharded recsys_mtl :class:`~recsys_mtl.models.ple.PLE`'s weights into ``plain``.
+def _load_stem(plain: PlainSTEM, ours: nn.Module) -> PlainSTEM:
+    def copy_tables(bags: nn.ModuleDict, ebc: nn.Module) -> None:
+        by_feature = {f: cfg.name for cfg in ebc.embedding_bag_configs() for f in cfg.feature_names}
+        for f, bag in bags.items():
+            bag.weight.copy_(ebc.embedding_bags[by_feature[f]].weight)
+
+    copy_tables(plain.shared_tables, ours.shared_ebc)
+    for t, bags in plain.task_tables.items():
+        copy_tables(bags, ours.task_ebcs[t])
+    n = ours.n
+    for k, experts in enumerate(plain.task_experts):
+        for i, expert in enumerate(experts):
+            for layer, lin in enumerate(_linears(expert)):
+                w, b = ours.task_experts.expert_parameters(layer, k * n + i)  # D_in x D_out, D_out
+                lin.weight.copy_(w.t())
+                lin.bias.copy_(b.reshape(-1))
+    for i, expert in enumerate(plain.shared_experts):
+        for layer, lin in enumerate(_linears(expert)):
+            w, b = ours.shared_experts.expert_parameters(layer, i)
+            lin.weight.copy_(w.t())
+            lin.bias.copy_(b.reshape(-1))
+    for dst, src in [(plain.gates[t], ours.gates[t]) for t in plain.tasks] + [
+        (plain.towers[t], ours.towers[t]) for t in plain.tasks
+    ]:
+        for a, b in zip(_linears(dst), _linears(src), strict=True):  # same order: hidden layers, then output
+            a.weight.copy_(b.weight)
+            a.bias.copy_(b.bias)
+    return plain
+
+
+@torch.no_grad()
+def load_from_recsys_mtl(plain: nn.Module, ours: nn.Module) -> nn.Module:
+    """Copies an unsharded recsys_mtl model's weights into its plain twin: :class:`PlainPLE` from
+    :class:`~recsys_mtl.models.ple.PLE`, :class:`PlainSTEM` from :class:`~recsys_mtl.models.stem.STEMNet`.
 
     With the same weights both compute the same function (checked in tests/bench): the
     benchmark compares two implementations of one model, not two models.
     """
+    if isinstance(plain, PlainSTEM):
+        return _load_stem(plain, ours)
     ebc = ours.input.ebc
     for name, bag in plain.embeddings.items():
         bag.weight.copy_(ebc.embedding_bags[name].weight)
@@ -175,16 +328,26 @@ def load_from_recsys_mtl(plain: PlainPLE, ours: nn.Module) -> PlainPLE:
     return plain
 
 
-def build_plain(workload: Workload) -> PlainPLE:
+def build_plain(workload: Workload) -> nn.Module:
+    """The workload's model in plain PyTorch: :class:`PlainPLE` or :class:`PlainSTEM`."""
     c = workload.model
+    if c.name == "stem":
+        from recsys_mtl.models import stem_specific_features
+
+        return PlainSTEM(workload.schema, c.embedding_dim, stem_specific_features(workload.schema, c.stem_specific_fields),
+                         c.num_shared_experts, c.num_task_experts, c.expert_layer_sizes, c.gate_layer_sizes,
+                         c.tower_layer_sizes, gate_input=c.stem_gate_input, stop_gradient=c.stem_stop_gradient)
+    if c.name != "ple":
+        raise ValueError(f"no plain PyTorch peer for model {c.name!r}")
     return PlainPLE(workload.schema, c.embedding_dim, c.num_levels, c.num_task_experts, c.num_shared_experts,
                     c.expert_layer_sizes, c.tower_layer_sizes)
 
 
-def plain_optimizers(model: PlainPLE, lr: float = 1e-3) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
-    """SparseAdam for the tables, Adam for everything else."""
-    sparse = [p for n, p in model.named_parameters() if n.startswith("embeddings.")]
-    dense = [p for n, p in model.named_parameters() if not n.startswith("embeddings.")]
+def plain_optimizers(model: nn.Module, lr: float = 1e-3) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+    """SparseAdam for the tables (every ``nn.EmbeddingBag``), Adam for everything else."""
+    sparse = [bag.weight for _, bag in model.tables()]
+    ids = {id(p) for p in sparse}
+    dense = [p for p in model.parameters() if id(p) not in ids]
     return torch.optim.SparseAdam(sparse, lr=lr), torch.optim.Adam(dense, lr=lr)
 
 

@@ -2,7 +2,9 @@
 
 Each contender is built, warmed up and profiled (an unpipelined per-phase breakdown) in turn;
 then the timed steps run round-robin in chunks, so background load on a shared machine hits
-every contender alike. Throughput is the batch size over the median step time.
+every contender alike. Workloads too large for all contenders to live in one process at once
+(``Workload.sequential``, W2) instead build, time and free each contender in turn. Throughput
+is the batch size over the median step time.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from recsys_mtl.bench import peers
-from recsys_mtl.bench.ours import build_ours, find_input_module
+from recsys_mtl.bench.ours import build_ours, find_ebcs
 from recsys_mtl.bench.timing import StepTimer
 from recsys_mtl.bench.workloads import Workload
 from recsys_mtl.types import MTLBatch
@@ -34,6 +36,7 @@ class Contender:
     ms_per_step: dict[str, float] = field(default_factory=dict)
     step_times: list[float] = field(default_factory=list)
     rss_delta_mb: float = 0.0
+    rss_mb: float = 0.0
     cleanup: Callable[[], None] = lambda: None
 
 
@@ -58,7 +61,7 @@ def make_ours(workload: Workload, batches: list[MTLBatch], warmup: int, profile_
 
     created_pg = not dist.is_initialized()
     dmp, opt, device = build_ours(workload, batches[0].batch_size)
-    ebc = find_input_module(dmp).ebc
+    ebcs = find_ebcs(dmp)  # PLE: the input tables; STEM-Net: shared + per-task table sets
     timer = StepTimer()
     # Unpipelined breakdown first: the pipeline later rewires the tables' forward.
     for i, batch in enumerate(itertools.islice(itertools.cycle(batches), warmup + profile_steps)):
@@ -72,7 +75,7 @@ def make_ours(workload: Workload, batches: list[MTLBatch], warmup: int, profile_
         with timer.phase("optimizer", timed):
             opt.step()
         with timer.phase("embedding", timed):  # sharded tables alone: fwd + bwd with fused update
-            ebc(batch.sparse).values().sum().backward()
+            sum(ebc(batch.sparse).values().sum() for ebc in ebcs).backward()
     pipeline = TrainPipelineSparseDist(dmp, opt, device)
     it = itertools.cycle(batches)
     for _ in range(warmup):
@@ -86,7 +89,7 @@ def make_ours(workload: Workload, batches: list[MTLBatch], warmup: int, profile_
 
 
 def make_plain(workload: Workload, batches: list[MTLBatch], warmup: int, profile_steps: int) -> Contender:
-    """Plain PyTorch PLE: ``EmbeddingBag(sparse=True)`` + SparseAdam, Adam for the dense part."""
+    """Plain PyTorch PLE / STEM-Net: ``EmbeddingBag(sparse=True)`` + SparseAdam, Adam for the dense part."""
     torch.manual_seed(0)
     model = peers.build_plain(workload)
     sparse_opt, dense_opt = peers.plain_optimizers(model)
@@ -112,7 +115,7 @@ def make_plain(workload: Workload, batches: list[MTLBatch], warmup: int, profile
             dense_opt.step()
         sparse_opt.zero_grad()
         with timer.phase("embedding", timed):  # the tables alone: fwd + bwd (sparse grads)
-            torch.cat([bag(ids[n], offsets[n]) for n, bag in model.embeddings.items()], 1).sum().backward()
+            torch.cat([bag(ids[n], offsets[n]) for n, bag in model.tables()], 1).sum().backward()
     it = itertools.cycle(inputs)
     for _ in range(warmup):
         train_step(*next(it))
@@ -170,6 +173,8 @@ def run_contenders(
     profile_steps = max(2, min(steps, 10))
     if "torch_rechub" in names:
         peers.import_rechub()  # fail before building anything, with the install hint
+    if workload.sequential:
+        return _run_sequential(workload, batches, names, steps, warmup, profile_steps, progress)
     for name in names:
         gc.collect()
         before = _rss_mb()
@@ -194,6 +199,39 @@ def run_contenders(
             bar.close()
         for c in contenders:
             c.cleanup()
+    return contenders
+
+
+def _run_sequential(
+    workload: Workload, batches: list[MTLBatch], names: list[str], steps: int, warmup: int, profile_steps: int,
+    progress: Callable | None,
+) -> list[Contender]:
+    """Builds, times and frees each contender in turn, so only one holds its tables at a time."""
+    contenders = []
+    bar = progress(total=steps * len(names)) if progress else None
+    try:
+        for name in names:
+            gc.collect()
+            before = _rss_mb()
+            c = BUILDERS[name](workload, batches, warmup, profile_steps)
+            c.rss_delta_mb = _rss_mb() - before
+            c.rss_mb = _rss_mb()
+            try:
+                for _ in range(steps):
+                    t0 = time.perf_counter()
+                    c.step()
+                    c.step_times.append(time.perf_counter() - t0)
+                    if bar is not None:
+                        bar.update(1)
+                c.rss_mb = max(c.rss_mb, _rss_mb())
+            finally:
+                c.cleanup()
+                c.step = c.cleanup = lambda: None  # drop the model, tables and optimizer state
+                gc.collect()
+            contenders.append(c)
+    finally:
+        if bar is not None:
+            bar.close()
     return contenders
 
 
