@@ -344,25 +344,30 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print("recsys-mtl train: error: multi-node jobs are launched with torchx/torchrun "
               "(see README 'Launching on a cluster'); --nproc-per-node starts local ranks only", file=sys.stderr)
         return 2
+    return _launch_local("train", _train_entry, cfg.to_dict(), args.nproc_per_node, args.max_restarts)
+
+
+def _launch_local(command: str, entry, payload: dict, nproc_per_node: int, max_restarts: int = 0) -> int:
+    """Runs ``entry(payload)`` on ``nproc_per_node`` local ranks with TorchElastic's launcher (the
+    agent torchrun and torchx use); returns the command's exit code."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     from recsys_mtl.distributed.env import free_port
 
     launch = LaunchConfig(
-        min_nodes=1, max_nodes=1, nproc_per_node=args.nproc_per_node, run_id=f"recsys-mtl-{uuid.uuid4().hex[:8]}",
-        rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}", max_restarts=args.max_restarts,
+        min_nodes=1, max_nodes=1, nproc_per_node=nproc_per_node, run_id=f"recsys-mtl-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}", max_restarts=max_restarts,
         monitor_interval=0.5,
     )
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-
     # Restarted ranks must not read the previous attempt's addresses from a store shared across
     # restarts: opt out of sharing the rendezvous store, so every attempt gets a fresh one.
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     try:
-        elastic_launch(launch, _train_entry)(cfg.to_dict())
+        elastic_launch(launch, entry)(payload)
     except ChildFailedError as e:
         rank, first = next(iter(e.failures.items()))
-        print(f"recsys-mtl train: error: rank {rank} failed (exit code {first.exitcode}); "
+        print(f"recsys-mtl {command}: error: rank {rank} failed (exit code {first.exitcode}); "
               f"its traceback is above", file=sys.stderr)
         return 1
     return 0
@@ -416,15 +421,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if _inside_launcher() or not args.nproc_per_node:
         _compare_entry(payload)
         return 0
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    from recsys_mtl.distributed.env import free_port
-
-    launch = LaunchConfig(
-        min_nodes=1, max_nodes=1, nproc_per_node=args.nproc_per_node, run_id=f"recsys-mtl-cmp-{uuid.uuid4().hex[:8]}",
-        rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}", max_restarts=0, monitor_interval=0.5,
-    )
-    elastic_launch(launch, _compare_entry)(payload)
+    rc = _launch_local("compare", _compare_entry, payload, args.nproc_per_node)
+    if rc:
+        return rc
     print(f"compare: wrote {Path(args.output_dir) / 'results.md'}:\n{(Path(args.output_dir) / 'results.md').read_text()}")
     return 0
 
@@ -435,7 +434,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="training throughput on a DESIGN.md §7 workload, optionally vs peers",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("workload", choices=["w1", "w2"])
-    p.add_argument("--peers", action="store_true", help="also run the plain-PyTorch and torch-rechub peers")
+    p.add_argument("--peers", action="store_true",
+                   help="also run the peers: plain PyTorch and torch-rechub (w1), plain PyTorch only "
+                        "(w2: torch-rechub has no STEM-Net)")
     p.add_argument("--output", default=None, help="write the result JSON here")
     p.add_argument("--steps", type=int, default=20, help="timed steps per contender")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per contender")
