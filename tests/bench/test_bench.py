@@ -57,9 +57,9 @@ def test_w1_dense_flops_match_design():
     assert [f.num_embeddings for f in w.schema.sparse].count(1_000_000) == 4 and len(w.schema.dense) == 13
 
 
-def test_w2_is_not_implemented_yet():
-    with pytest.raises(NotImplementedError, match="w2"):
-        run_bench("w2")
+def test_unknown_workload_is_rejected():
+    with pytest.raises(ValueError, match="w1, w2"):
+        run_bench("w3")
 
 
 def test_run_bench_tiny_follows_the_contract(tmp_path):
