@@ -65,12 +65,6 @@ def gauc(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> float:
     return total / weight if weight else float("nan")
 
 
-def logloss(probs: np.ndarray, labels: np.ndarray, eps: float = 1e-7) -> float:
-    p = np.clip(np.asarray(probs, dtype=np.float64), eps, 1 - eps)
-    y = np.asarray(labels, dtype=np.float64)
-    return float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
-
-
 def mtl_gain(mtl: float, single: float, higher_is_better: bool = True) -> float:
     """PLE Eq. 11: the MTL model's improvement over the single-task model on one metric.
 

@@ -125,16 +125,3 @@ class Experts(nn.Module):
             w, b = getattr(self, f"weight_{i}"), getattr(self, f"bias_{i}")
             h = torch.relu(torch.baddbmm(b, h, w))  # E x B x H_next
         return h
-
-
-def mix(gate_weights: torch.Tensor, expert_out: torch.Tensor) -> torch.Tensor:
-    """Weighted sum of expert outputs.
-
-    Args:
-        gate_weights (torch.Tensor): ``B x E`` mixture weights.
-        expert_out (torch.Tensor): ``E x B x H`` expert outputs.
-
-    Returns:
-        torch.Tensor: ``B x H``.
-    """
-    return torch.einsum("be,ebh->bh", gate_weights, expert_out)  # B x H
