@@ -180,6 +180,15 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pipeline", choices=["sparse_dist", "base"], default=None)
     p.add_argument("--no-eval-outputs", action="store_true",
                    help="skip eval_predictions.parquet, gAUC and expert utilisation (huge eval splits)")
+    g = p.add_argument_group("data order")
+    g.add_argument("--no-shuffle", action="store_true",
+                   help="train in the stored row order (default: a seeded per-epoch shuffle)")
+    g.add_argument("--shuffle-block-rows", type=int, default=None,
+                   help="rows per block of the global per-epoch permutation (default 16384; blocks smaller "
+                        "than the parquet row groups cost extra decoding)")
+    g.add_argument("--shuffle-buffer-rows", type=int, default=None,
+                   help="rows of the in-memory shuffle buffer per DataLoader worker (default 65536; memory "
+                        "about this many rows x the row size)")
     g = p.add_argument_group("checkpoints and fault tolerance")
     g.add_argument("--checkpoint-dir", default=None,
                    help="DCP checkpoint directory (shared by all ranks); resumes from its newest valid checkpoint")
@@ -235,7 +244,8 @@ _MODEL_FLAGS = ("embedding_dim", "expert_layer_sizes", "tower_layer_sizes", "bot
                 "stem_gate_input", "stem_specific_fields", "asymmetric_fusion", "cross_stitch_self_weight",
                 "sluice_num_subspaces")
 _OPTIM_FLAGS = ("sparse_optimizer", "sparse_lr", "dense_optimizer", "dense_lr", "grad_clip_norm")
-_TRAIN_FLAGS = ("epochs", "steps", "batch_size", "eval_every", "seed", "num_workers", "pipeline", "checkpoint_dir",
+_TRAIN_FLAGS = ("epochs", "steps", "batch_size", "eval_every", "seed", "shuffle_block_rows", "shuffle_buffer_rows",
+                "num_workers", "pipeline", "checkpoint_dir",
                 "checkpoint_every_steps", "checkpoint_every_minutes", "keep_last")
 
 
@@ -257,6 +267,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     train_kw = {k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k) is not None}
     if args.no_eval_outputs:
         train_kw["eval_outputs"] = False
+    if args.no_shuffle:
+        train_kw["shuffle"] = False
     per_table = dict(cfg.sharding.per_table)
     for item in args.table_sharding:
         if "=" not in item:

@@ -133,6 +133,13 @@ class TrainConfig:
             (``eval_predictions.parquet``, gAUC by the schema's user id feature) and the gate
             weights (``expert_utilisation.json``/``.png``); off for eval splits too big for memory.
         seed: model initialisation and data order seed.
+        shuffle: shuffle the training rows every epoch (seeded by ``seed`` and the epoch): a global
+            permutation of row blocks, the same on every rank before the rows are split, then an
+            in-memory shuffle buffer per worker. False: the stored order.
+        shuffle_block_rows: rows per block of the global permutation (blocks are row ranges inside
+            row groups; blocks smaller than the row groups cost extra decoding).
+        shuffle_buffer_rows: rows of the in-memory shuffle buffer (one window of a rank's rows);
+            memory per DataLoader worker ≈ this many rows × the row size.
         num_workers: DataLoader workers per rank.
         log_every: progress bar refresh period in steps.
         pipeline: ``sparse_dist`` (TrainPipelineSparseDist) or ``base`` (no overlap).
@@ -151,6 +158,9 @@ class TrainConfig:
     eval_every: int = 0
     eval_outputs: bool = True
     seed: int = 0
+    shuffle: bool = True
+    shuffle_block_rows: int = 16_384
+    shuffle_buffer_rows: int = 65_536
     num_workers: int = 0
     log_every: int = 10
     pipeline: str = "sparse_dist"

@@ -1,10 +1,10 @@
-"""Streaming parquet reader: dataset directory -> :class:`~recsys_mtl.types.MTLBatch` (DESIGN.md §6).
+"""Streaming parquet reader: dataset directory -> :class:`~recsys_mtl.types.MTLBatch` (docs/design.md, "Data").
 
-Work is split at row-group granularity: every ``(file, row_group)`` of a split is listed in a
-deterministic order (optionally shuffled per epoch with a seed shared by all ranks), dealt
-round-robin to ranks, then round-robin to the DataLoader workers of each rank. Each worker streams
-its row groups with ``ParquetFile.iter_batches`` and re-chunks them into exact ``batch_size``
-batches, carrying remainders across row groups (only the worker's last batch may be short).
+Work is split at row granularity: the split's rows are cut into blocks (row ranges inside row
+groups), put in one global order (stored, or a seeded per-epoch permutation shared by all ranks)
+and split into ``world_size`` contiguous ranges whose sizes differ by at most one row. Each rank
+reads its range in windows (the shuffle buffer), decoding every row group a window touches once;
+see :class:`ParquetMTLDataset`.
 
 Every record batch is validated before use (vectorised, cheap); bad input raises
 :class:`DataError` naming the file, column and row range.
@@ -34,6 +34,8 @@ __all__ = [
     "count_rows",
     "list_parquet_files",
     "make_dataloader",
+    "split_rows",
+    "steps_per_epoch",
     "validate_arrow",
 ]
 
@@ -129,18 +131,19 @@ class _Columns:
     def num_rows(self) -> int:
         return self.labels.shape[0]
 
-    def slice(self, start: int, stop: int) -> "_Columns":
-        values = []
-        for v, ln in zip(self.values, self.lengths):
-            lo = int(ln[:start].sum())
-            values.append(v[lo : lo + int(ln[start:stop].sum())])
-        return _Columns(
-            values=values,
-            lengths=[ln[start:stop] for ln in self.lengths],
-            dense=self.dense[start:stop],
-            labels=self.labels[start:stop],
-            mask=self.mask[start:stop],
-        )
+    def batches(self, batch_size: int) -> Iterator["_Columns"]:
+        """Consecutive slices of ``batch_size`` rows (the last may be short); bag offsets are
+        computed once, not per slice."""
+        offsets = [np.concatenate([[0], np.cumsum(ln, dtype=np.int64)]) for ln in self.lengths]  # per key: B+1
+        for start in range(0, self.num_rows, batch_size):
+            stop = min(start + batch_size, self.num_rows)
+            yield _Columns(
+                values=[v[o[start] : o[stop]] for v, o in zip(self.values, offsets)],
+                lengths=[ln[start:stop] for ln in self.lengths],
+                dense=self.dense[start:stop],
+                labels=self.labels[start:stop],
+                mask=self.mask[start:stop],
+            )
 
     @staticmethod
     def concat(parts: list["_Columns"]) -> "_Columns":
@@ -370,20 +373,85 @@ def count_rows(dataset_dir: str | Path, split: str) -> int:
     return sum(_open(p).metadata.num_rows for p in list_parquet_files(dataset_dir, split))
 
 
-def _num_batches(rows: int, batch_size: int, drop_last: bool) -> int:
-    return rows // batch_size if drop_last else -(-rows // batch_size)
+def split_rows(num_rows: int, parts: int, part: int) -> tuple[int, int]:
+    """Row range ``[lo, hi)`` of ``part`` when ``num_rows`` rows are split into ``parts`` contiguous
+    ranges whose sizes differ by at most one row.
+
+    Example::
+
+        >>> [split_rows(10, 3, p) for p in range(3)]
+        [(0, 3), (3, 6), (6, 10)]
+    """
+    return (part * num_rows) // parts, ((part + 1) * num_rows) // parts
+
+
+def steps_per_epoch(num_rows: int, world_size: int, batch_size: int) -> int:
+    """Synchronous steps one epoch takes on every rank: the largest rank share, in batches
+    (the last one possibly short). Ranks with fewer batches run one padded, fully masked step.
+
+    Example::
+
+        >>> steps_per_epoch(18_000, 2, 512), steps_per_epoch(18_000, 3, 512)
+        (18, 12)
+    """
+    return -(-(-(-num_rows // world_size)) // batch_size)
 
 
 # --------------------------------------------------------------------------- dataset
 
 
-class ParquetMTLDataset(IterableDataset):
-    """Streams a dataset split as exact-size :class:`MTLBatch` es for one rank.
+@dataclass(frozen=True)
+class _Piece:
+    """Rows ``[start, start + num_rows)`` of unit ``unit`` (row offsets inside the row group)."""
 
-    Row groups are dealt round-robin to ranks, then to DataLoader workers; each worker yields
-    ``batch_size`` batches (its last may be short unless ``drop_last``). Ranks can hold different
-    row counts; ``even_batches=True`` caps every rank at the same number of batches (needed when
-    each step runs collectives), dropping the excess.
+    unit: int
+    start: int
+    num_rows: int
+
+
+def _take(cols: _Columns, idx: np.ndarray) -> _Columns:
+    """Rows ``idx`` of ``cols`` in that order (a vectorised jagged gather for the sparse keys)."""
+    values, lengths = [], []
+    for v, ln in zip(cols.values, cols.lengths):
+        starts = np.concatenate([[0], np.cumsum(ln, dtype=np.int64)[:-1]])[idx]  # n: first id of each taken row
+        new_len = ln[idx]  # n
+        total = int(new_len.sum())
+        if v.size == ln.size and bool((ln == 1).all()):  # single-valued: ids line up with rows
+            values.append(v[idx])
+        else:
+            ends = np.cumsum(new_len, dtype=np.int64)  # n
+            within = np.arange(total, dtype=np.int64) - np.repeat(ends - new_len, new_len)  # position in its bag
+            values.append(v[np.repeat(starts, new_len) + within])
+        lengths.append(new_len)
+    return _Columns(values, lengths, cols.dense[idx], cols.labels[idx], cols.mask[idx])
+
+
+class ParquetMTLDataset(IterableDataset):
+    """Streams one rank's share of a dataset split as :class:`MTLBatch` es of ``batch_size`` rows.
+
+    **Every row, evenly split.** The split's rows are cut into *blocks* (row ranges of at most
+    ``shuffle_block_rows`` rows inside row groups) and put in one global order, the same on every
+    rank: the stored order, or with ``shuffle`` a permutation drawn from ``(seed, epoch)``. That
+    order is then split into ``world_size`` contiguous row ranges whose sizes differ by at most one
+    row, whatever the row-group layout; so every rank has the same number of batches ± 1, and only
+    a rank's last batch may be short. Nothing is dropped: the trainer pads a short batch, and a
+    rank with one batch fewer, with masked rows (see :func:`steps_per_epoch`).
+
+    **Shuffle buffer.** A rank reads its range one *window* of ``shuffle_buffer_rows`` rows
+    (rounded up to whole batches) at a time: the row groups the window touches are decoded once
+    each, the window's rows are assembled, and with ``shuffle`` permuted by a generator seeded
+    from ``(seed, epoch, window start)``. Memory per worker is about one window plus one decoded row
+    group; rows per window = ``shuffle_buffer_rows``, so the cost is that many rows times the row
+    size (e.g. 65,536 rows of 40 int64/float32 columns ≈ 15-20 MB). Decoding reads whole row groups, so
+    blocks much smaller than the row groups make shuffled epochs read up to
+    ``row_group_rows / shuffle_block_rows`` times the data; the converters write 16,384-row groups,
+    the default block size.
+
+    **Workers and resume.** Window ``j`` goes to DataLoader worker ``j % num_workers``; the loader
+    interleaves the workers' batches. ``start_batch`` skips this rank's first batches of the epoch,
+    counted in the order a loader with the same ``num_workers`` yields them; windows before the
+    position are not read. The order is a pure function of ``(seed, epoch, world_size,
+    batch_size, num_workers)``, so a resumed epoch yields exactly the batches not yet trained on.
 
     Args:
         dataset_dir (str | Path): dataset directory (``schema.json``, ``train/``, ``eval/``).
@@ -392,15 +460,12 @@ class ParquetMTLDataset(IterableDataset):
         rank (int): this process's rank.
         world_size (int): number of ranks.
         schema (Schema | None): loaded from ``dataset_dir`` when None.
-        drop_last (bool): drop each worker's final short batch.
-        shuffle_fragments (bool): shuffle the row-group order each epoch (same on every rank,
-            from ``seed`` and ``epoch``); rows inside a row group keep their order.
+        shuffle (bool): permute blocks globally and rows inside each window, per epoch.
         seed (int): shuffle seed.
         epoch (int): shuffle epoch; see :meth:`set_epoch`.
-        even_batches (bool): yield the same number of batches on every rank.
-        start_batch (int): resume position: skip this rank's first ``start_batch`` batches of the
-            epoch (counted in the order a DataLoader with the same ``num_workers`` yields them).
-            Whole row groups before the position are skipped without being read.
+        shuffle_block_rows (int): rows per block, the granularity of the global permutation.
+        shuffle_buffer_rows (int): rows per window, the in-memory shuffle buffer.
+        start_batch (int): resume position (see above).
 
     Example::
 
@@ -415,6 +480,8 @@ class ParquetMTLDataset(IterableDataset):
         >>> resumed = ParquetMTLDataset(d, "train", batch_size=256, start_batch=2)
         >>> [b.batch_size for b in resumed]
         [256, 132]
+        >>> [ParquetMTLDataset(d, "train", batch_size=256, rank=r, world_size=3).rank_rows for r in range(3)]
+        [300, 300, 300]
     """
 
     def __init__(
@@ -426,11 +493,11 @@ class ParquetMTLDataset(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         schema: Schema | None = None,
-        drop_last: bool = False,
-        shuffle_fragments: bool = False,
+        shuffle: bool = False,
         seed: int = 0,
         epoch: int = 0,
-        even_batches: bool = False,
+        shuffle_block_rows: int = 16_384,
+        shuffle_buffer_rows: int = 65_536,
         start_batch: int = 0,
     ) -> None:
         super().__init__()
@@ -440,19 +507,26 @@ class ParquetMTLDataset(IterableDataset):
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        if shuffle_block_rows <= 0 or shuffle_buffer_rows <= 0:
+            raise ValueError(f"shuffle_block_rows and shuffle_buffer_rows must be positive, got "
+                             f"{shuffle_block_rows} and {shuffle_buffer_rows}")
         self.dataset_dir = Path(dataset_dir)
         self.split = split
         self.batch_size = batch_size
         self.rank, self.world_size = rank, world_size
         self.schema = Schema.load(dataset_dir) if schema is None else schema
-        self.drop_last = drop_last
-        self.shuffle_fragments = shuffle_fragments
+        self.shuffle = shuffle
         self.seed, self.epoch = seed, epoch
-        self.even_batches = even_batches
+        self.shuffle_block_rows = shuffle_block_rows
+        self.window_rows = -(-shuffle_buffer_rows // batch_size) * batch_size  # whole batches
         self.start_batch = start_batch
         self.files = list_parquet_files(dataset_dir, split)
         self.units = _scan(self.files, self.schema)
         self.columns = self.schema.sparse_names + self.schema.dense_names + self.schema.task_names
+        # Blocks: (unit, start inside the unit, rows), in stored order.
+        blocks = [(i, s, min(shuffle_block_rows, u.num_rows - s))
+                  for i, u in enumerate(self.units) for s in range(0, u.num_rows, shuffle_block_rows)]
+        self._blocks = np.asarray(blocks, dtype=np.int64).reshape(-1, 3)  # K x 3
 
     def set_epoch(self, epoch: int) -> None:
         """Sets the shuffle epoch (with persistent workers, rebuild the DataLoader to apply it)."""
@@ -463,36 +537,51 @@ class ParquetMTLDataset(IterableDataset):
         """Rows in this split (all ranks)."""
         return sum(u.num_rows for u in self.units)
 
-    def _ordered_units(self) -> list[_Unit]:
-        if not self.shuffle_fragments:
-            return list(self.units)
-        perm = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.units))
-        return [self.units[i] for i in perm]
+    @property
+    def rank_rows(self) -> int:
+        """Rows of this rank's share (every rank's share differs by at most one row)."""
+        lo, hi = split_rows(self.num_rows, self.world_size, self.rank)
+        return hi - lo
 
-    def _assigned(self, rank: int, worker: int, num_workers: int) -> list[_Unit]:
-        return self._ordered_units()[rank :: self.world_size][worker::num_workers]
+    def steps_per_epoch(self) -> int:
+        """Synchronous steps per epoch, the same on every rank (see :func:`steps_per_epoch`)."""
+        return steps_per_epoch(self.num_rows, self.world_size, self.batch_size)
 
-    def _batches_of(self, units: list[_Unit]) -> int:
-        return _num_batches(sum(u.num_rows for u in units), self.batch_size, self.drop_last)
+    # ---- the epoch's order ------------------------------------------------------------------
 
-    def _worker_cap(self, worker: int, num_workers: int) -> int | None:
-        if not self.even_batches:
-            return None
-        return min(self._batches_of(self._assigned(r, worker, num_workers)) for r in range(self.world_size))
+    def _ordered_blocks(self) -> np.ndarray:
+        """This epoch's global block order, ``K x 3`` (unit, start, rows); the same on every rank."""
+        if not self.shuffle:
+            return self._blocks
+        perm = np.random.default_rng([self.seed, self.epoch]).permutation(len(self._blocks))  # K
+        return self._blocks[perm]
+
+    def _windows(self) -> list[tuple[int, int]]:
+        """This rank's windows as global row ranges ``[lo, hi)`` of the epoch's order."""
+        lo, hi = split_rows(self.num_rows, self.world_size, self.rank)
+        return [(a, min(a + self.window_rows, hi)) for a in range(lo, hi, self.window_rows)]
+
+    def _window_pieces(self, blocks: np.ndarray, ends: np.ndarray, lo: int, hi: int) -> list[_Piece]:
+        """The pieces of blocks covering global rows ``[lo, hi)``, in order."""
+        out = []
+        k = int(np.searchsorted(ends, lo, side="right"))  # first block ending after lo
+        while k < len(blocks) and ends[k] - blocks[k, 2] < hi:
+            b_lo = int(ends[k] - blocks[k, 2])  # global row of the block's first row
+            a, b = max(lo, b_lo), min(hi, int(ends[k]))
+            out.append(_Piece(int(blocks[k, 0]), int(blocks[k, 1]) + a - b_lo, b - a))
+            k += 1
+        return out
 
     def _worker_batches(self, num_workers: int) -> list[int]:
         """Batches each of ``num_workers`` workers yields on this rank (before ``start_batch``)."""
-        out = []
-        for w in range(num_workers):
-            cap = self._worker_cap(w, num_workers)
-            n = self._batches_of(self._assigned(self.rank, w, num_workers))
-            out.append(n if cap is None else min(n, cap))
+        out = [0] * num_workers
+        for j, (lo, hi) in enumerate(self._windows()):
+            out[j % num_workers] += -(-(hi - lo) // self.batch_size)
         return out
 
     def num_batches(self, num_workers: int = 0) -> int:
-        """Exact number of batches this rank yields with ``num_workers`` DataLoader workers
-        (after skipping ``start_batch``)."""
-        return max(0, sum(self._worker_batches(max(1, num_workers))) - self.start_batch)
+        """Exact number of batches this rank yields (after skipping ``start_batch``)."""
+        return max(0, -(-self.rank_rows // self.batch_size) - self.start_batch)
 
     def _worker_skips(self, num_workers: int) -> tuple[list[int], int]:
         """Splits ``start_batch`` over the workers the way a DataLoader interleaves them
@@ -513,6 +602,8 @@ class ParquetMTLDataset(IterableDataset):
                     nxt = (w + 1) % num_workers
         return skips, nxt
 
+    # ---- reading ----------------------------------------------------------------------------
+
     def __iter__(self) -> Iterator[MTLBatch]:
         info = get_worker_info()
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
@@ -521,64 +612,52 @@ class ParquetMTLDataset(IterableDataset):
             skips, nxt = self._worker_skips(num_workers)
             worker = (worker + nxt) % num_workers
             skip = skips[worker]
-        cap = self._worker_cap(worker, num_workers)
-        emitted = skip
-        for batch in self._stream(self._assigned(self.rank, worker, num_workers), skip_rows=skip * self.batch_size):
-            if cap is not None and emitted >= cap:
-                return
-            yield batch
-            emitted += 1
-
-    def _pieces(self, units: list[_Unit], skip_rows: int = 0) -> Iterator[_Columns]:
-        """Validated, converted record batches of the given row groups, in order, after the
-        first ``skip_rows`` rows (whole row groups inside the skipped part are not read)."""
-        pf, pf_index = None, -1
-        for u in units:
-            if skip_rows >= u.num_rows:
-                skip_rows -= u.num_rows
+        blocks = self._ordered_blocks()
+        ends = np.cumsum(blocks[:, 2])  # K: global end row of each block
+        keys, B = self.schema.sparse_names, self.batch_size
+        cache: dict[int, pa.Table] = {}  # the last decoded row group (consecutive windows share it)
+        for j, (lo, hi) in enumerate(self._windows()):
+            if j % num_workers != worker:
                 continue
+            n_batches = -(-(hi - lo) // B)
+            if skip >= n_batches:  # the whole window was trained on already: do not read it
+                skip -= n_batches
+                continue
+            rows = self._read(self._window_pieces(blocks, ends, lo, hi), cache)
+            if self.shuffle:
+                rng = np.random.default_rng([self.seed, self.epoch, lo])
+                rows = _take(rows, rng.permutation(rows.num_rows))  # window-local shuffle buffer
+            for i, part in enumerate(rows.batches(B)):
+                if i >= skip:
+                    yield part.to_batch(keys)
+            skip = 0
+
+    def _read(self, pieces: list[_Piece], cache: dict[int, pa.Table]) -> _Columns:
+        """Decodes each row group the pieces touch once, converts and validates the pieces' rows,
+        and returns them in the pieces' order."""
+        converted: list[_Columns | None] = [None] * len(pieces)
+        by_unit: dict[int, list[int]] = {}
+        for i, p in enumerate(pieces):
+            by_unit.setdefault(p.unit, []).append(i)
+        for unit_index in sorted(by_unit):  # file order: at most one file open at a time
+            u = self.units[unit_index]
             path = self.files[u.file]
-            if u.file != pf_index:  # at most one file open at a time
-                pf, pf_index = _open(path), u.file
-            row = u.row_offset
-            try:
-                for rb in pf.iter_batches(batch_size=self.batch_size, row_groups=[u.row_group], columns=self.columns):
-                    if skip_rows >= rb.num_rows:
-                        skip_rows -= rb.num_rows
-                        row += rb.num_rows
-                        continue
-                    if skip_rows:
-                        rb, row, skip_rows = rb.slice(skip_rows), row + skip_rows, 0
-                    yield _to_columns(rb, self.schema, str(path), row, validate=True)
-                    row += rb.num_rows
-            except (pa.ArrowException, OSError) as e:
-                raise DataError(
-                    f"{_where(str(path), None, u.row_offset, u.num_rows)} (row group {u.row_group}): "
-                    f"cannot decode parquet data: {e}"
-                ) from e
-
-    def _stream(self, units: list[_Unit], skip_rows: int = 0) -> Iterator[MTLBatch]:
-        """Re-chunks the pieces into exact ``batch_size`` batches, carrying remainders."""
-        B, keys = self.batch_size, self.schema.sparse_names
-        pending: list[_Columns] = []
-        pending_rows = 0
-        for piece in self._pieces(units, skip_rows):
-            if pending_rows == 0 and piece.num_rows == B:  # fast path: already a full batch
-                yield piece.to_batch(keys)
-                continue
-            pending.append(piece)
-            pending_rows += piece.num_rows
-            if pending_rows < B:
-                continue
-            merged = _Columns.concat(pending)
-            start = 0
-            while pending_rows - start >= B:
-                yield merged.slice(start, start + B).to_batch(keys)
-                start += B
-            pending = [merged.slice(start, pending_rows)] if start < pending_rows else []
-            pending_rows -= start
-        if pending_rows and not self.drop_last:
-            yield _Columns.concat(pending).to_batch(keys)
+            table = cache.get(unit_index)
+            if table is None:
+                try:
+                    table = _open(path).read_row_group(u.row_group, columns=self.columns)
+                except (pa.ArrowException, OSError) as e:
+                    raise DataError(
+                        f"{_where(str(path), None, u.row_offset, u.num_rows)} (row group {u.row_group}): "
+                        f"cannot decode parquet data: {e}"
+                    ) from e
+                cache.clear()
+                cache[unit_index] = table
+            for i in by_unit[unit_index]:
+                p = pieces[i]
+                converted[i] = _to_columns(table.slice(p.start, p.num_rows), self.schema, str(path),
+                                           u.row_offset + p.start, validate=True)
+        return _Columns.concat([c for c in converted if c is not None])
 
 
 def _identity(batch: MTLBatch) -> MTLBatch:
@@ -594,11 +673,11 @@ def make_dataloader(
     world_size: int = 1,
     num_workers: int = 0,
     schema: Schema | None = None,
-    drop_last: bool = False,
-    shuffle_fragments: bool = False,
+    shuffle: bool = False,
     seed: int = 0,
     epoch: int = 0,
-    even_batches: bool = False,
+    shuffle_block_rows: int = 16_384,
+    shuffle_buffer_rows: int = 65_536,
     pin_memory: bool = False,
     prefetch_factor: int | None = None,
     start_batch: int = 0,
@@ -613,11 +692,11 @@ def make_dataloader(
         world_size (int): number of ranks.
         num_workers (int): DataLoader worker processes (persistent when > 0).
         schema (Schema | None): loaded from ``dataset_dir`` when None.
-        drop_last (bool): drop each worker's final short batch.
-        shuffle_fragments (bool): shuffle row groups per epoch.
+        shuffle (bool): seeded per-epoch shuffle (global block permutation + shuffle buffer).
         seed (int): shuffle seed.
         epoch (int): shuffle epoch.
-        even_batches (bool): the same number of batches on every rank.
+        shuffle_block_rows (int): rows per block of the global permutation.
+        shuffle_buffer_rows (int): rows of the in-memory shuffle buffer (per worker).
         pin_memory (bool): pin batches (for GPU training).
         prefetch_factor (int | None): batches prefetched per worker (workers > 0 only).
         start_batch (int): resume position: skip this rank's first ``start_batch`` batches.
@@ -636,8 +715,8 @@ def make_dataloader(
     """
     dataset = ParquetMTLDataset(
         dataset_dir, split, batch_size=batch_size, rank=rank, world_size=world_size, schema=schema,
-        drop_last=drop_last, shuffle_fragments=shuffle_fragments, seed=seed, epoch=epoch,
-        even_batches=even_batches, start_batch=start_batch,
+        shuffle=shuffle, seed=seed, epoch=epoch, shuffle_block_rows=shuffle_block_rows,
+        shuffle_buffer_rows=shuffle_buffer_rows, start_batch=start_batch,
     )  # fmt: skip
     return DataLoader(
         dataset,

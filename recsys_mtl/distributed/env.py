@@ -56,3 +56,23 @@ def init_distributed(backend: str | None = None) -> DistEnv:
             os.environ["MASTER_PORT"] = str(free_port())
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
     return DistEnv(rank, world_size, local_rank, local_world_size, device, backend)
+
+
+_CONTROL_GROUP: dict[str, dist.ProcessGroup | None] = {}
+
+
+def control_group(env: DistEnv) -> dist.ProcessGroup | None:
+    """A CPU (gloo) process group for host-side control flags ("bad data on some rank", row
+    counts), so the step loop never synchronises the device for them.
+
+    With gloo the world group already runs on the CPU and is returned; with nccl a gloo group
+    over the same ranks is created once (collective: every rank must call this, in the same
+    order relative to other group creations). None for a one-rank job (no flags to exchange).
+    """
+    if env.world_size == 1 or not dist.is_initialized():
+        return None
+    if env.backend == "gloo":
+        return dist.GroupMember.WORLD
+    if "gloo" not in _CONTROL_GROUP:
+        _CONTROL_GROUP["gloo"] = dist.new_group(backend="gloo")
+    return _CONTROL_GROUP["gloo"]

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recsys_mtl.modules.embeddings import ebc_out_features, embedded_features
+from recsys_mtl.modules.embeddings import FeatureRegroup, cat_dense, ebc_out_features, embedded_features
 from recsys_mtl.modules.experts import Experts
 from recsys_mtl.modules.mlp import MLP, Tower
 
@@ -122,6 +122,12 @@ class STEMNet(nn.Module):
                     if cfg.embedding_dim != dims.get(f, cfg.embedding_dim):
                         raise ValueError(f"feature {f!r}: task and shared tables differ in embedding_dim")
         self.specific_features = set(specific or [])
+        # Sources: the shared tables, then (with task-specific fields) each task's tables.
+        groups = [[(0, f) for f in self.features]]
+        if self.specific_features:
+            for i in range(len(self.tasks)):
+                groups.append([(1 + i, f) if f in self.specific_features else (0, f) for f in self.features])
+        self.regroup = FeatureRegroup(groups)
         d = ebc_out_features(shared_embedding_bag_collection) + dense_in_features
         t = len(self.tasks)
         self.task_experts = Experts(d, expert_layer_sizes, num_task_experts, t, grouped_input=True)
@@ -139,16 +145,17 @@ class STEMNet(nn.Module):
 
     def embed(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the shared input ``B x D`` and the stacked task inputs ``T x B x D``."""
-        shared = self.shared_ebc(sparse).to_dict()  # feature -> B x D_f
-        dense_part = [dense] if self.dense_in_features > 0 else []
-        x_s = torch.cat([shared[f] for f in self.features] + dense_part, dim=1)  # B x D
+        d = dense if self.dense_in_features > 0 else None
+        kts = [self.shared_ebc(sparse)]
+        if self.specific_features:  # fixed at construction (torch.fx-traceable)
+            kts += [self.task_ebcs[t](sparse) for t in self.tasks]
+        # One B x sum(D) block per group, columns in self.features order. Indexed by constants
+        # only: under the pipeline's tracer the result is a single opaque node.
+        parts = self.regroup(kts)
+        x_s = cat_dense(parts[0], d)  # B x D
         if not self.specific_features:  # no task-specific fields: task experts read x_s
             return x_s, torch.stack([x_s] * len(self.tasks))  # B x D, T x B x D
-        x_t = []
-        for t in self.tasks:
-            own = self.task_ebcs[t](sparse).to_dict()  # specific feature -> B x D_f
-            parts = [own[f] if f in self.specific_features else shared[f] for f in self.features]
-            x_t.append(torch.cat(parts + dense_part, dim=1))  # B x D, same column order as x_s
+        x_t = [cat_dense(parts[1 + i], d) for i in range(len(self.tasks))]  # B x D, same column order as x_s
         return x_s, torch.stack(x_t)  # B x D, T x B x D
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> dict[str, torch.Tensor]:

@@ -11,9 +11,11 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from torchrec.fx.tracer import is_fx_tracing
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.modules.regroup import KTRegroupAsDict
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recsys_mtl.data.schema import Schema
 
@@ -76,6 +78,119 @@ def ebc_out_features(ebc: nn.Module) -> int:
     return sum(cfg.embedding_dim * len(cfg.feature_names) for cfg in ebc.embedding_bag_configs())
 
 
+@torch.fx.wrap
+def _tag_keys(kt: KeyedTensor, tag: str) -> KeyedTensor:
+    """``kt`` with every key prefixed by ``tag``; the values are shared, not copied."""
+    return KeyedTensor(
+        keys=[tag + k for k in kt.keys()],
+        length_per_key=kt.length_per_key(),
+        values=kt.values(),
+        key_dim=kt.key_dim(),
+    )
+
+
+class FeatureRegroup(nn.Module):
+    """Pooled embeddings picked by feature name from one or more ``KeyedTensor``s, concatenated per group.
+
+    Features are found by key, so the column order of a sharded EBC's output does not matter.
+    Several sources may embed the same feature (a shared and a task table set), and a group
+    may mix sources freely. Two equivalent assemblies, bit-identical in value:
+
+    * fused: TorchRec's ``KTRegroupAsDict``, one fbgemm permute for every group, its layout
+      computed on the first call. Used off CPU (the accelerator kernel). Sources after the
+      first get their keys tagged internally so equal feature names stay apart. The cached
+      layout is checked against every input's keys and widths on each call (a list
+      comparison) and rebuilt when they change, e.g. once a module first run unsharded runs
+      on sharded tables.
+    * by name: ``to_dict()`` of each source and one ``torch.cat`` per group. Used on CPU,
+      where fbgemm's ``permute_multi_embedding`` copies row by row (two orders of magnitude
+      slower than ``cat`` at batch 1024), and while tracing with ``torch.fx``, where it
+      records a graph that needs no cached state.
+
+    Args:
+        groups (Sequence[Sequence[tuple[int, str]]]): per output group, the ``(source, feature)``
+            pairs in concatenation order; ``source`` indexes the list given to ``forward``.
+        fused (bool | None): force the fused (True) or by-name (False) assembly; None picks
+            by the inputs' device. Settable later as the ``fused`` attribute.
+
+    Example::
+
+        >>> kt = KeyedTensor.from_tensor_list(["a", "b"], [torch.ones(2, 1), torch.zeros(2, 2)])
+        >>> other = KeyedTensor.from_tensor_list(["a"], [torch.full((2, 1), 7.0)])
+        >>> regroup = FeatureRegroup([[(0, "b"), (0, "a")], [(1, "a"), (0, "b")]])
+        >>> [t.tolist() for t in regroup([kt, other])]
+        [[[0.0, 0.0, 1.0], [0.0, 0.0, 1.0]], [[7.0, 0.0, 0.0], [7.0, 0.0, 0.0]]]
+        >>> regroup.fused = True  # TorchRec's fused permute, same values
+        >>> [t.tolist() for t in regroup([kt, other])]
+        [[[0.0, 0.0, 1.0], [0.0, 0.0, 1.0]], [[7.0, 0.0, 0.0], [7.0, 0.0, 0.0]]]
+    """
+
+    def __init__(self, groups: Sequence[Sequence[tuple[int, str]]], fused: bool | None = None) -> None:
+        super().__init__()
+        if not groups or any(not g for g in groups):
+            raise ValueError("FeatureRegroup needs at least one group and no empty groups")
+        self.groups = [[(int(src), str(f)) for src, f in g] for g in groups]
+        if any(src < 0 for g in self.groups for src, _ in g):
+            raise ValueError("FeatureRegroup sources are non-negative indices")
+        self.num_sources = 1 + max(src for g in self.groups for src, _ in g)
+        self.fused = fused
+        self._tags = [self._tag(i) for i in range(self.num_sources)]
+        self._names = [f"group_{i}" for i in range(len(self.groups))]
+        self.regroup = KTRegroupAsDict(
+            groups=[[self._tags[src] + f for src, f in g] for g in self.groups], keys=self._names
+        )
+        self._layout: list[tuple[list[str], list[int]]] | None = None
+
+    @staticmethod
+    def _tag(source: int) -> str:
+        return "" if source == 0 else f"#{source}/"
+
+    def _use_fused(self, keyed_tensors: list[KeyedTensor]) -> bool:
+        if torch.jit.is_scripting() or is_fx_tracing() or isinstance(keyed_tensors[0], torch.fx.Proxy):
+            return False
+        if self.fused is not None:
+            return self.fused
+        return keyed_tensors[0].values().device.type != "cpu"
+
+    def _check_layout(self, keyed_tensors: list[KeyedTensor]) -> None:
+        layout = [(kt.keys(), kt.length_per_key()) for kt in keyed_tensors]
+        if layout == self._layout:
+            return
+        if len(keyed_tensors) != self.num_sources:
+            raise ValueError(f"FeatureRegroup expects {self.num_sources} KeyedTensors, got {len(keyed_tensors)}")
+        flat = [self._tags[i] + k for i, (keys, _) in enumerate(layout) for k in keys]
+        if len(set(flat)) != len(flat):
+            raise ValueError(f"FeatureRegroup inputs have clashing keys: {[k for k, _ in layout]}")
+        for src, f in sorted({p for g in self.groups for p in g}):
+            if f not in layout[src][0]:
+                raise ValueError(f"feature {f!r} not among source {src}'s keys {layout[src][0]}")
+        self.regroup.clear_cache()  # new key order or widths: recompute the permutation
+        self._layout = [(list(keys), list(lengths)) for keys, lengths in layout]
+
+    def forward(self, keyed_tensors: list[KeyedTensor]) -> list[torch.Tensor]:
+        """Args:
+            keyed_tensors (list[KeyedTensor]): the sources, each ``B x sum(D)`` with ``key_dim=1``.
+
+        Returns:
+            One ``B x sum(D_group)`` tensor per group, in group order.
+        """
+        if self._use_fused(keyed_tensors):
+            self._check_layout(keyed_tensors)
+            kts = [kt if not tag else _tag_keys(kt, tag) for kt, tag in zip(keyed_tensors, self._tags)]
+            out = self.regroup(kts)
+            return [out[name] for name in self._names]
+        embs = [keyed_tensors[i].to_dict() for i in range(self.num_sources)]  # per source: feature -> B x D_f
+        return [torch.cat([embs[src][f] for src, f in g], dim=1) for g in self.groups]
+
+    def extra_repr(self) -> str:
+        return f"groups={self.groups}, fused={self.fused}"
+
+
+def cat_dense(sparse: torch.Tensor, dense: torch.Tensor | None) -> torch.Tensor:
+    """``sparse ⊕ dense`` along columns; ``sparse`` itself without dense features."""
+    return sparse if dense is None else torch.cat([sparse, dense], dim=1)
+
+
 class SparseDenseInput(nn.Module):
     """Pooled embeddings concatenated with dense features: the usual MTL bottom input.
 
@@ -99,8 +214,8 @@ class SparseDenseInput(nn.Module):
         self.dense_in_features = dense_in_features
         self.features = embedded_features(embedding_bag_collection)
         self.out_features = ebc_out_features(embedding_bag_collection) + dense_in_features
+        self.regroup = FeatureRegroup([[(0, f) for f in self.features]])
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        emb = self.ebc(sparse).to_dict()  # feature -> B x D_f
-        parts = [emb[f] for f in self.features] + ([dense] if self.dense_in_features > 0 else [])
-        return torch.cat(parts, dim=1)  # B x (sum(D) + F)
+        emb = self.regroup([self.ebc(sparse)])[0]  # B x sum(D), features in self.features order
+        return cat_dense(emb, dense if self.dense_in_features > 0 else None)  # B x (sum(D) + F)

@@ -3,7 +3,8 @@
 Each table set is its own ``EmbeddingBagCollection``, so the planner shards each
 independently. Outputs are selected by feature name (a sharded EBC may reorder its
 ``KeyedTensor`` keys) and concatenated in one fixed feature order, so every set yields an
-input of the same layout.
+input of the same layout. One ``FeatureRegroup`` assembles every set's input (off CPU a
+single fused TorchRec ``KTRegroupAsDict`` permute).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recsys_mtl.modules.embeddings import ebc_out_features, embedded_features
+from recsys_mtl.modules.embeddings import FeatureRegroup, cat_dense, ebc_out_features, embedded_features
 
 
 class TableSetInputs(nn.Module):
@@ -74,6 +75,13 @@ class TableSetInputs(nn.Module):
                         raise ValueError(f"feature {f!r}: table set {name!r} differs in embedding_dim")
             self.group_features[name] = set(feats)
         self.out_features = ebc_out_features(ref) + dense_in_features
+        # Sources: the shared set (when given) first, then the sets in stacking order.
+        offset = 0 if shared_embedding_bag_collection is None else 1
+        groups = [] if shared_embedding_bag_collection is None else [[(0, f) for f in self.features]]
+        for i, name in enumerate(self.names):
+            own = self.group_features[name]
+            groups.append([(offset + i, f) if f in own else (0, f) for f in self.features])
+        self.regroup = FeatureRegroup(groups)
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Args:
@@ -83,15 +91,15 @@ class TableSetInputs(nn.Module):
         Returns:
             ``G x B x D`` per-set inputs and the shared set's ``B x D`` input (None without one).
         """
-        dense_part = [dense] if self.dense_in_features > 0 else []
-        shared, x_s = {}, None
+        d = dense if self.dense_in_features > 0 else None
+        kts = []
         if self.shared_ebc is not None:  # fixed at construction (torch.fx-traceable)
-            shared = self.shared_ebc(sparse).to_dict()  # feature -> B x D_f
-            x_s = torch.cat([shared[f] for f in self.features] + dense_part, dim=1)  # B x D
-        groups = []
-        for name in self.names:
-            own = self.ebcs[name](sparse).to_dict()  # feature -> B x D_f
-            own_feats = self.group_features[name]
-            parts = [own[f] if f in own_feats else shared[f] for f in self.features]
-            groups.append(torch.cat(parts + dense_part, dim=1))  # B x D, same column order for every set
+            kts.append(self.shared_ebc(sparse))
+        kts += [self.ebcs[name](sparse) for name in self.names]
+        # One B x sum(D) block per group, columns in self.features order. Indexed by constants
+        # only: under the pipeline's tracer the result is a single opaque node.
+        parts = self.regroup(kts)
+        first = 0 if self.shared_ebc is None else 1
+        x_s = cat_dense(parts[0], d) if self.shared_ebc is not None else None  # B x D
+        groups = [cat_dense(parts[first + i], d) for i in range(len(self.names))]  # B x D each
         return torch.stack(groups), x_s  # G x B x D, B x D

@@ -66,12 +66,15 @@ class TrainPosition:
         epoch: epoch the next batch comes from.
         epoch_batches: batches of ``epoch`` every rank has trained on (the reader's resume point).
         history: evaluation history so far (``metrics.json``'s ``history``).
+        rows_seen: training rows (all ranks, padding excluded) per epoch so far; the last entry is
+            the current epoch's count when it is unfinished (``metrics.json``'s ``rows_seen``).
     """
 
     step: int = 0
     epoch: int = 0
     epoch_batches: int = 0
     history: list = field(default_factory=list)
+    rows_seen: list = field(default_factory=list)
 
 
 @dataclass
@@ -93,6 +96,7 @@ class CheckpointMeta:
     data_positions: list  # per rank: {"rank", "epoch", "batches", "rows"}
     history: list
     files: dict  # {relative path: {"size": int, "crc32": int}}
+    rows_seen: list = field(default_factory=list)  # TrainPosition.rows_seen
     created: float = 0.0
     torch_version: str = ""
 
@@ -363,7 +367,7 @@ class Checkpointer:
             model=self.run_info.get("model", {}), optim=self.run_info.get("optim", {}),
             loss=self.run_info.get("loss", {}), plan=self.plan,
             plan_summary=self.plan_summary, data_positions=positions, history=position.history, files=files,
-            created=time.time(), torch_version=torch.__version__,
+            rows_seen=list(position.rows_seen), created=time.time(), torch_version=torch.__version__,
         )
         with open(tmp / (META_FILE + ".part"), "w") as f:
             json.dump(dataclasses.asdict(meta), f, indent=1)
@@ -415,7 +419,8 @@ class Checkpointer:
         if self.rank == 0:
             for n in notes:
                 print(f"checkpoint: {n}", flush=True)
-        return TrainPosition(step=meta.step, epoch=meta.epoch, epoch_batches=epoch_batches, history=meta.history)
+        return TrainPosition(step=meta.step, epoch=meta.epoch, epoch_batches=epoch_batches, history=meta.history,
+                             rows_seen=list(meta.rows_seen))
 
     @staticmethod
     def _app_state(model: nn.Module, optimizer: KeyedOptimizer) -> dict:

@@ -7,6 +7,7 @@ evaluation → outputs. Checkpoint mechanics live in :mod:`recsys_mtl.train.chec
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -22,9 +23,9 @@ from torchrec.distributed.train_pipeline import TrainPipelineBase, TrainPipeline
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys_mtl.config import TrainConfig
-from recsys_mtl.data.reader import DataError, make_dataloader
+from recsys_mtl.data.reader import DataError, count_rows, make_dataloader
 from recsys_mtl.data.schema import Schema
-from recsys_mtl.distributed.env import DistEnv, init_distributed
+from recsys_mtl.distributed.env import DistEnv, control_group, init_distributed
 from recsys_mtl.distributed.optim import make_optimizer
 from recsys_mtl.distributed.sharding import plan_summary, shard_model
 from recsys_mtl.analysis import GateRecorder
@@ -40,53 +41,79 @@ PIPELINES = {"sparse_dist": TrainPipelineSparseDist, "base": TrainPipelineBase}
 
 
 class SyncedIterator:
-    """Iterates a per-rank loader in lock-step with the other ranks.
+    """Feeds every rank the same number of steps, with no per-step device synchronisation.
 
     Sharded embedding lookups are collectives, so every rank must run the same number of steps.
-    ``mode="stop"`` ends as soon as any rank runs out (training); ``mode="pad"`` goes on until
-    every rank is out, feeding exhausted ranks an all-masked batch (evaluation, nothing dropped).
-    Partial batches are padded to ``batch_size`` with masked rows so every step has one shape.
-    Bad input on one rank (:class:`DataError`) stops every rank at the same step: the rank that
-    read it raises its error, the others a DataError pointing to it (no rank hangs in a collective).
+    The reader splits an epoch's rows evenly (every rank has the same number of batches ± 1), so
+    the step count is known in advance from the parquet footers (``num_steps``); a short batch is
+    padded to ``batch_size`` with masked rows, and a rank with one batch fewer gets an all-masked
+    batch for the last step. Nothing is dropped.
+
+    Batches stay on the host: ``TrainPipelineSparseDist`` copies them to the device on its own
+    stream, overlapping the copy with compute. Bad input on one rank (:class:`DataError`) stops
+    every rank at the same step: a one-int flag is all-reduced per step on a CPU process group
+    (``control_group``; gloo, never the device), then the rank that read it raises its error and
+    the others a DataError pointing to it (no rank hangs in a collective).
+
+    Args:
+        it: this rank's batches.
+        batch_size (int): rows per step ``B``.
+        schema (Schema): dataset schema (for the padding rows).
+        num_steps (int): steps to yield on every rank.
+        control_group: CPU process group for the error flag (None: one rank, no flag).
+        pin_memory (bool): pin each (padded) batch, so the pipeline's host-to-device copy is async.
     """
 
     def __init__(
-        self, it: Iterator[MTLBatch], *, batch_size: int, schema: Schema, mode: str, device: torch.device,
-        max_steps: int | None = None,
+        self, it: Iterator[MTLBatch], *, batch_size: int, schema: Schema, num_steps: int,
+        control_group: dist.ProcessGroup | None = None, pin_memory: bool = False,
     ) -> None:
-        self.it, self.batch_size, self.schema, self.mode, self.device = it, batch_size, schema, mode, device
-        self.max_steps = max_steps
+        self.it, self.batch_size, self.schema, self.pin_memory = it, batch_size, schema, pin_memory
+        self.num_steps, self.control_group = max(0, num_steps), control_group
         self.steps = 0
-        self.real_samples = 0
+        self.pending_rows: collections.deque[int] = collections.deque()  # real rows of yielded batches
 
     def __iter__(self) -> "SyncedIterator":
         return self
 
     def __next__(self) -> MTLBatch:
-        if self.max_steps is not None and self.steps >= self.max_steps:
+        if self.steps >= self.num_steps:
             raise StopIteration
         error = None
         try:
             batch = next(self.it, None)
         except DataError as e:
             batch, error = None, e
-        have = 0 if batch is None else 1
-        # One MAX all-reduce: [any rank failed, any rank has data (pad) / -(all ranks have data) (stop)].
-        flags = torch.tensor([int(error is not None), have if self.mode == "pad" else -have], dtype=torch.int32,
-                             device=self.device)  # nccl reduces device tensors only
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if self.control_group is not None:
+            flag = torch.tensor([int(error is not None)], dtype=torch.int32)  # host tensor, CPU group
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.control_group)
+            failed = bool(flag.item())
+        else:
+            failed = error is not None
         if error is not None:
             raise error
-        if int(flags[0]):
+        if failed:
             raise DataError("stopping: another rank read bad input data (its error names the file and rows)")
-        if int(flags[1]) == 0:
-            raise StopIteration
-        if batch is None:
+        if batch is None:  # this rank's share is one batch shorter than the longest
             batch = empty_batch(self.schema, 0)
-        self.real_samples += batch.batch_size
+        self.pending_rows.append(batch.batch_size)
         self.steps += 1
-        return pad_batch(batch, self.batch_size).to(self.device)
+        batch = pad_batch(batch, self.batch_size)
+        return batch.pin_memory() if self.pin_memory else batch
+
+    def pop_rows(self) -> int:
+        """Real (unpadded) rows of the oldest yielded batch not popped yet: the pipeline consumes
+        batches in order, so after each completed step this is that step's row count."""
+        return self.pending_rows.popleft() if self.pending_rows else 0
+
+
+def global_sum(value: int, group: dist.ProcessGroup | None) -> int:
+    """Sum of an int over the ranks of a CPU process group (the value itself for one rank)."""
+    if group is None:
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.int64)
+    dist.all_reduce(t, group=group)
+    return int(t.item())
 
 
 def empty_batch(schema: Schema, batch_size: int) -> MTLBatch:
@@ -134,12 +161,14 @@ def evaluate(
                          device=env.device)
     loader = make_dataloader(cfg.data, "eval", batch_size=cfg.batch_size, rank=env.rank,
                              world_size=env.world_size, num_workers=cfg.num_workers)
-    batches = SyncedIterator(iter(loader), batch_size=cfg.batch_size, schema=schema, mode="pad", device=env.device)
+    batches = SyncedIterator(iter(loader), batch_size=cfg.batch_size, schema=schema,
+                             num_steps=loader.dataset.steps_per_epoch(), control_group=control_group(env))
     gates = GateRecorder(model, schema.task_names) if collector is not None else None
     was_training = model.training
     model.eval()
     with torch.no_grad(), (gates if gates is not None and gates.supported else contextlib.nullcontext()):
         for batch in batches:
+            batch = batch.to(env.device, non_blocking=True)  # no pipeline here to copy it
             _, (_, logits, labels, mask) = model(batch)
             metrics.update(logits, labels, mask)
             if collector is not None:
@@ -191,20 +220,35 @@ def train(cfg: TrainConfig, on_step: Callable[[int, torch.Tensor], None] | None 
 
     steps, samples, train_time = position.step, 0, 0.0
     history: list[dict] = position.history
+    rows_seen: list[int] = list(position.rows_seen)  # per epoch, all ranks, padding excluded
+    group = control_group(env)
     saved_step = position.step if checkpointer is not None and position.step else None
     num_epochs = cfg.epochs if cfg.steps is None else 1 << 30
     bar = tqdm(total=cfg.steps, initial=steps, disable=not env.is_main, unit="step", dynamic_ncols=True,
                mininterval=1.0)
+
+    def at(epoch: int, epoch_batches: int, epoch_rows: int) -> TrainPosition:
+        """The position after ``epoch_batches`` steps of ``epoch`` (a collective: sums the rows)."""
+        seen = rows_seen[:epoch] + [global_sum(epoch_rows, group)]
+        return TrainPosition(steps, epoch, epoch_batches, history, seen)
+
     for epoch in range(position.epoch, num_epochs):
         if cfg.steps is not None and steps >= cfg.steps:
             break
         skip = position.epoch_batches if epoch == position.epoch else 0
         loader = make_dataloader(cfg.data, "train", batch_size=cfg.batch_size, rank=env.rank,
-                                 world_size=env.world_size, num_workers=cfg.num_workers, drop_last=True,
-                                 epoch=epoch, seed=cfg.seed, start_batch=skip)
-        remaining = None if cfg.steps is None else cfg.steps - steps
-        batches = SyncedIterator(iter(loader), batch_size=cfg.batch_size, schema=schema, mode="stop",
-                                 device=env.device, max_steps=remaining)
+                                 world_size=env.world_size, num_workers=cfg.num_workers, shuffle=cfg.shuffle,
+                                 epoch=epoch, seed=cfg.seed, shuffle_block_rows=cfg.shuffle_block_rows,
+                                 shuffle_buffer_rows=cfg.shuffle_buffer_rows, start_batch=skip)
+        epoch_steps = loader.dataset.steps_per_epoch()  # the same on every rank, from the footers
+        num_steps = epoch_steps - skip
+        if cfg.steps is not None:
+            num_steps = min(num_steps, cfg.steps - steps)
+        batches = SyncedIterator(iter(loader), batch_size=cfg.batch_size, schema=schema, num_steps=num_steps,
+                                 control_group=group, pin_memory=env.device.type == "cuda")
+        # Rows of this epoch trained before a resume: this rank's share of the recorded count.
+        epoch_rows = (rows_seen[epoch] // env.world_size + (env.rank < rows_seen[epoch] % env.world_size)
+                      if skip and len(rows_seen) > epoch else 0)
         dmp.train()
         t0 = time.perf_counter()
         epoch_batches = skip
@@ -215,6 +259,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, torch.Tensor], None] | None 
                 break
             steps += 1
             epoch_batches += 1
+            epoch_rows += batches.pop_rows()
             loss_fn.step_done()
             if on_step is not None:
                 on_step(steps, loss)
@@ -229,22 +274,22 @@ def train(cfg: TrainConfig, on_step: Callable[[int, torch.Tensor], None] | None 
                 t0 = time.perf_counter()
             if checkpointer is not None and checkpointer.due(steps):
                 train_time += time.perf_counter() - t0
-                checkpointer.save(dmp, optimizer, TrainPosition(steps, epoch, epoch_batches, history))
+                checkpointer.save(dmp, optimizer, at(epoch, epoch_batches, epoch_rows))
                 saved_step = steps
                 t0 = time.perf_counter()
         train_time += time.perf_counter() - t0
-        if epoch_batches == 0:
-            if steps == 0:
-                raise _no_data_error(loader.dataset.num_batches(cfg.num_workers), cfg, env)
-            break  # an epoch without data: later epochs have none either
-        if cfg.steps is not None and steps >= cfg.steps:
-            position = TrainPosition(steps, epoch, epoch_batches, history)
+        position = at(epoch, epoch_batches, epoch_rows)
+        rows_seen = position.rows_seen
+        if epoch_batches < epoch_steps:  # stopped by --steps inside the epoch
             break
+        if env.is_main:
+            tqdm.write(f"epoch {epoch}: {rows_seen[epoch]:,} training rows ({epoch_steps} steps x "
+                       f"{env.world_size} ranks x batch {cfg.batch_size}, short batches padded)")
         loss_fn.epoch_done()
-        position = TrainPosition(steps, epoch + 1, 0, history)
+        position = TrainPosition(steps, epoch + 1, 0, history, rows_seen)
     bar.close()
     if checkpointer is not None and saved_step != steps:
-        checkpointer.save(dmp, optimizer, TrainPosition(steps, position.epoch, position.epoch_batches, history))
+        checkpointer.save(dmp, optimizer, position)
 
     collector = EvalCollector(schema) if cfg.eval_outputs else None
     final = _eval_detached(pipeline, dmp, cfg, schema, env, collector)
@@ -259,6 +304,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, torch.Tensor], None] | None 
         "steps": steps,
         "samples_per_s": samples / max(train_time, 1e-9),
         "tasks": final,
+        "train_rows": count_rows(cfg.data, "train"),
+        "rows_seen": rows_seen,
         "history": history,
         "config": cfg.to_dict(),
     }
@@ -269,21 +316,6 @@ def train(cfg: TrainConfig, on_step: Callable[[int, torch.Tensor], None] | None 
         print(f"\n{cfg.model.name}: {steps} steps x {env.world_size} ranks, "
               f"{result['samples_per_s']:,.0f} samples/s; eval metrics:\n{format_table(final)}", flush=True)
     return result if env.is_main else None
-
-
-def _no_data_error(my_batches: int, cfg: TrainConfig, env: DistEnv) -> DataError:
-    """Training stops as soon as any rank runs out of data, so a rank with none stops the job."""
-    counts = [my_batches]
-    if dist.is_initialized() and env.world_size > 1:
-        counts = [0] * env.world_size
-        dist.all_gather_object(counts, my_batches)
-    empty = [r for r, n in enumerate(counts) if n == 0]
-    return DataError(
-        f"{cfg.data}/train: no training batches on rank(s) {empty} (full batches of {cfg.batch_size} rows per rank: "
-        f"{counts}). Row groups are dealt round-robin to ranks, so the split needs at least "
-        f"world_size={env.world_size} row groups of at least batch_size rows each: rewrite it with smaller "
-        f"row groups, or use fewer ranks or a smaller batch size"
-    )
 
 
 def make_loss(cfg: TrainConfig, schema: Schema) -> MultiTaskLoss:

@@ -139,66 +139,105 @@ def test_single_rank_reads_everything_in_order_with_exact_batches(dataset):
     table = _train_table(dataset)
     np.testing.assert_array_equal(_row_keys(batches), table["dense_0"].to_numpy())
     _assert_matches_reference(batches[10], table.slice(640, 64), Schema.load(dataset))  # spans row groups/files
-    assert [b.batch_size for b in ParquetMTLDataset(dataset, "train", batch_size=64, drop_last=True)] == [64] * 28
     big = list(ParquetMTLDataset(dataset, "train", batch_size=250))  # spans several row groups and files
     assert [b.batch_size for b in big] == [250] * 7 + [50]
     np.testing.assert_array_equal(_row_keys(big), table["dense_0"].to_numpy())
     _assert_matches_reference(big[2], table.slice(500, 250), Schema.load(dataset))
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 3])
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 @pytest.mark.parametrize("batch_size", [48, 250])  # smaller / larger than a row group
-def test_ranks_cover_every_row_exactly_once(dataset, world_size, batch_size):
+def test_ranks_cover_every_row_exactly_once(dataset, world_size, batch_size, shuffle):
     all_rows = np.sort(_train_table(dataset)["dense_0"].to_numpy())
     assert np.unique(all_rows).size == all_rows.size
-    keys, sizes = [], []
+    keys, sizes, counts = [], [], []
     for rank in range(world_size):
-        ds = ParquetMTLDataset(dataset, "train", batch_size=batch_size, rank=rank, world_size=world_size)
+        ds = ParquetMTLDataset(dataset, "train", batch_size=batch_size, rank=rank, world_size=world_size,
+                               shuffle=shuffle, shuffle_block_rows=30, shuffle_buffer_rows=200)
         batches = list(ds)
         assert all(b.batch_size == batch_size for b in batches[:-1]) and 0 < batches[-1].batch_size <= batch_size
-        assert len(batches) == ds.num_batches()
+        assert len(batches) == ds.num_batches() <= ds.steps_per_epoch()
         keys.append(_row_keys(batches))
         sizes.append(sum(b.batch_size for b in batches))
+        counts.append(len(batches))
     np.testing.assert_array_equal(np.sort(np.concatenate(keys)), all_rows)  # no duplicates, none missing
-    assert max(sizes) - min(sizes) <= 100  # balanced to within one row group
+    assert max(sizes) - min(sizes) <= 1  # row ranges, whatever the row-group layout
+    assert max(counts) - min(counts) <= 1 and max(counts) == ds.steps_per_epoch()
 
 
-def test_even_batches_gives_equal_steps_per_rank(dataset):
-    counts = []
-    for rank in range(3):  # 18 row groups of 100 rows over 3 ranks; batch 70 -> uneven remainders
-        ds = ParquetMTLDataset(dataset, "train", batch_size=70, rank=rank, world_size=3, even_batches=True)
-        n = len(list(ds))
-        assert n == ds.num_batches()
-        counts.append(n)
-    assert len(set(counts)) == 1 and counts[0] > 0
+def _write_layout(root: Path, group_sizes: list[list[int]]) -> np.ndarray:
+    """A dataset whose train files have the given row-group sizes; returns its dense_0 keys."""
+    SCHEMA.save(root)
+    (root / "train").mkdir(parents=True, exist_ok=True)
+    keys = []
+    for i, groups in enumerate(group_sizes):
+        with pq.ParquetWriter(root / "train" / f"part-{i:05d}.parquet", pa.table(_good_columns(1)).schema) as w:
+            for g in groups:
+                cols = _good_columns(g)
+                cols["d0"] = pa.array((np.arange(g) + 1_000 * len(keys)).astype(np.float32))
+                keys.append(cols["d0"].to_numpy())
+                w.write_table(pa.table(cols), row_group_size=g)
+    return np.concatenate(keys)
+
+
+@pytest.mark.parametrize("layout", [
+    [[1_000]],  # one row group
+    [[10] * 13, [7, 3, 1]],  # row groups much smaller than a batch
+    [[150], [1]],  # more ranks than row groups
+])
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_awkward_layouts_split_evenly(tmp_path, layout, world_size):
+    keys = np.sort(_write_layout(tmp_path, layout))
+    seen, counts = [], []
+    for rank in range(world_size):
+        ds = ParquetMTLDataset(tmp_path, "train", batch_size=64, rank=rank, world_size=world_size, shuffle=True)
+        batches = list(ds)
+        seen.append(np.concatenate([b.dense[:, 0].numpy() for b in batches]))
+        counts.append(len(batches))
+    np.testing.assert_array_equal(np.sort(np.concatenate(seen)), keys)
+    assert max(counts) - min(counts) <= 1 and max(len(x) for x in seen) - min(len(x) for x in seen) <= 1
 
 
 def test_workers_split_rows_and_yield_batches(dataset):
-    ref = np.sort(_row_keys(list(ParquetMTLDataset(dataset, "train", batch_size=64, rank=1, world_size=2))))
-    loader = make_dataloader(dataset, "train", batch_size=64, rank=1, world_size=2, num_workers=2)
+    ref = _row_keys(list(ParquetMTLDataset(dataset, "train", batch_size=64, rank=1, world_size=2,
+                                           shuffle_buffer_rows=128)))
+    loader = make_dataloader(dataset, "train", batch_size=64, rank=1, world_size=2, num_workers=2,
+                             shuffle_buffer_rows=128)
     assert loader.persistent_workers
     for _ in range(2):  # persistent workers survive a second epoch
         batches = list(loader)
         assert all(isinstance(b, MTLBatch) for b in batches)
-        assert sum(b.batch_size < 64 for b in batches) <= 2  # at most one short batch per worker
+        assert sum(b.batch_size < 64 for b in batches) <= 1  # only the rank's last batch is short
         assert len(batches) == loader.dataset.num_batches(num_workers=2)
-        np.testing.assert_array_equal(np.sort(_row_keys(batches)), ref)
+        np.testing.assert_array_equal(np.sort(_row_keys(batches)), np.sort(ref))
     b = batches[0]
     assert b.sparse.keys() == Schema.load(dataset).sparse_names and b.labels.shape == (64, 2)
 
 
-def test_shuffle_fragments_changes_order_per_epoch_not_content(dataset):
-    def keys(epoch: int) -> np.ndarray:
-        ds = ParquetMTLDataset(dataset, "train", batch_size=100, shuffle_fragments=True, seed=1, epoch=epoch)
+def test_shuffle_changes_order_per_epoch_not_content(dataset):
+    def keys(epoch: int, **kw) -> np.ndarray:
+        ds = ParquetMTLDataset(dataset, "train", batch_size=100, shuffle=True, seed=1, epoch=epoch,
+                               shuffle_block_rows=50, shuffle_buffer_rows=400, **kw)
         return _row_keys(list(ds))
 
     e0, e0_again, e1 = keys(0), keys(0), keys(1)
     np.testing.assert_array_equal(e0, e0_again)
     assert not np.array_equal(e0, e1)
     np.testing.assert_array_equal(np.sort(e0), np.sort(e1))
-    ds = ParquetMTLDataset(dataset, "train", batch_size=100, shuffle_fragments=True, seed=1)
+    stored = _train_table(dataset)["dense_0"].to_numpy()
+    # Rows move across the whole split, not only inside one row group or window.
+    pos = np.argsort(np.argsort(stored))[np.searchsorted(np.sort(stored), e0)]  # stored index of each row
+    assert np.abs(np.diff(pos[:400])).mean() > 100
+    ds = ParquetMTLDataset(dataset, "train", batch_size=100, shuffle=True, seed=1,
+                           shuffle_block_rows=50, shuffle_buffer_rows=400)
     ds.set_epoch(1)
     np.testing.assert_array_equal(_row_keys(list(ds)), e1)
+    # Each rank shuffles its share of the same global permutation: together they cover every row.
+    halves = [_row_keys(list(ParquetMTLDataset(dataset, "train", batch_size=100, shuffle=True, seed=1, rank=r,
+                                               world_size=2, shuffle_block_rows=50, shuffle_buffer_rows=400)))
+              for r in range(2)]
+    np.testing.assert_array_equal(np.sort(np.concatenate(halves)), np.sort(stored))
 
 
 def test_invalid_arguments(dataset):
@@ -206,6 +245,8 @@ def test_invalid_arguments(dataset):
         ParquetMTLDataset(dataset, "train", batch_size=8, rank=2, world_size=2)
     with pytest.raises(ValueError, match="batch_size"):
         ParquetMTLDataset(dataset, "train", batch_size=0)
+    with pytest.raises(ValueError, match="shuffle_buffer_rows"):
+        ParquetMTLDataset(dataset, "train", batch_size=8, shuffle_buffer_rows=0)
 
 
 # --------------------------------------------------------------------------- bad input
@@ -308,8 +349,8 @@ def test_bad_values_name_file_column_and_rows(tmp_path, column, value, row, mess
     with pytest.raises(DataError) as e:
         list(ds)
     msg = str(e.value)
-    group = row // 100 * 100  # row groups of 100 rows, read as record batches of <= 64 rows
-    start, end = (group, group + 64) if row < group + 64 else (group + 64, group + 100)
+    start = row // 100 * 100  # row groups of 100 rows, each read (and checked) as one piece
+    end = start + 100
     assert str(path) in msg and f"column {column!r}" in msg and message in msg, msg
     assert f"rows [{start}, {end})" in msg and f"first bad row {row}" in msg, msg
 

@@ -4,7 +4,8 @@ checks that refuse corrupt checkpoints or ones written for another dataset schem
 One module-scoped run trains three times in the same 2 rank processes:
   A: 14 steps uninterrupted (checkpoints every 4 steps and at the end; the "like" loss weight
      decays per epoch, so the loss-weight schedule must be restored too),
-  B: the same job stopped after 9 steps (mid-epoch: an epoch is 5 steps per rank),
+  B: the same job stopped after 9 steps (mid-epoch: an epoch is 6 steps per rank, the sixth
+     40 rows + 24 padding rows),
   C: B's job restarted with the 14-step budget, resuming from B's step-9 checkpoint.
 """
 
@@ -118,7 +119,8 @@ def runs(tmp_path_factory) -> dict:
 
     root = tmp_path_factory.mktemp("ckpt")
     data = root / "data"
-    # 720 train rows in 8 row groups of 90: each rank reads 4 groups = 5 batches of 64 per epoch.
+    # 720 train rows in 8 row groups of 90: each rank reads 360 rows = 6 batches of 64 (the last
+    # short and padded) per epoch, shuffled (the default) with a global permutation of blocks.
     generate_recsys(data, rows=800, seed=5, num_users=60, num_items=90, eval_fraction=0.1, rows_per_file=270,
                     row_group_size=90)
     losses = run_ranks(_three_runs, 2, str(data), str(root))[0]
@@ -140,8 +142,11 @@ def test_resume_matches_uninterrupted_run_bit_for_bit(runs, tmp_path):
     mc = json.loads((root / "C" / "metrics.json").read_text())
     assert ma["steps"] == mc["steps"] == 14 and ma["tasks"] == mc["tasks"]
     meta = json.loads((root / "ckB" / "step_00000009" / "meta.json").read_text())
-    assert (meta["epoch"], meta["epoch_batches"]) == (1, 4)  # 9 steps = 1 epoch of 5 + 4 batches
-    assert [p["batches"] for p in meta["data_positions"]] == [4, 4]
+    assert (meta["epoch"], meta["epoch_batches"]) == (1, 3)  # 9 steps = 1 epoch of 6 + 3 batches
+    assert [p["batches"] for p in meta["data_positions"]] == [3, 3]
+    assert meta["rows_seen"] == [720, 3 * 2 * BATCH]
+    # Every training row once per epoch (the last step of an epoch padded), counted across the resume.
+    assert ma["train_rows"] == 720 and ma["rows_seen"] == mc["rows_seen"] == [720, 720, 2 * 2 * BATCH]
     assert meta["world_size"] == 2 and "row_wise" in meta["plan_summary"]
     kept = sorted(p.name for p in (root / "ckA").iterdir())
     assert kept == ["step_00000004", "step_00000008", "step_00000012", "step_00000014"]

@@ -1,5 +1,5 @@
 """The reader's resume position: starting at batch k yields exactly the batches an uninterrupted
-pass yields after its first k, per rank and with several DataLoader workers."""
+pass yields after its first k, per rank, with shuffling on and with several DataLoader workers."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from recsys_mtl.data.reader import make_dataloader
 
 def _fingerprints(data, **kw) -> list[tuple]:
     return [(b.batch_size, float(b.labels.sum()), int(b.sparse.values().sum()), float(b.dense.sum()))
-            for b in make_dataloader(data, "train", batch_size=100, world_size=2, drop_last=True, **kw)]
+            for b in make_dataloader(data, "train", batch_size=100, world_size=2, shuffle=True, seed=3,
+                                     shuffle_block_rows=64, shuffle_buffer_rows=300, **kw)]
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +24,7 @@ def data(tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("num_workers", [0, 2, 3])
 @pytest.mark.parametrize("rank", [0, 1])
 def test_start_batch_resumes_the_exact_sequence(data, num_workers, rank):
     full = _fingerprints(data, rank=rank, num_workers=num_workers)
@@ -33,11 +34,10 @@ def test_start_batch_resumes_the_exact_sequence(data, num_workers, rank):
         assert _fingerprints(data, rank=rank, num_workers=num_workers, start_batch=k) == full[k:], k
 
 
-def test_start_batch_with_even_batches_and_num_batches(data):
+def test_start_batch_and_num_batches(data):
     from recsys_mtl.data.reader import ParquetMTLDataset
 
-    ds = ParquetMTLDataset(data, "train", batch_size=100, rank=1, world_size=2, drop_last=True, even_batches=True)
+    ds = ParquetMTLDataset(data, "train", batch_size=100, rank=1, world_size=2, shuffle=True)
     n = ds.num_batches()
-    resumed = ParquetMTLDataset(data, "train", batch_size=100, rank=1, world_size=2, drop_last=True,
-                                even_batches=True, start_batch=3)
+    resumed = ParquetMTLDataset(data, "train", batch_size=100, rank=1, world_size=2, shuffle=True, start_batch=3)
     assert resumed.num_batches() == n - 3 == len(list(resumed))
