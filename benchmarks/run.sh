@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Throughput benchmark of one DESIGN.md §7 workload against its peers, on an idle machine:
+# Throughput benchmark of one docs/design.md §7 workload against its peers, on an idle machine:
 #   bash benchmarks/run.sh w1 [OUT.json]   # PLE vs plain PyTorch vs torch-rechub
 #   bash benchmarks/run.sh w2 [OUT.json]   # STEM-Net vs plain PyTorch (~12 GiB for the peer)
 # Needs the bench extra (installed by scripts/setup.sh). With 2 cores, any other process turns the

@@ -4,7 +4,7 @@ utilisation, and their plots.
 These work on eval predictions gathered in memory (numpy), after training. gAUC is written here
 rather than taken from ``torchrec.metrics.gauc``: TorchRec's GAUC expects fixed-size groups
 (``n_group x n_sample`` tensors), while recommendation gAUC groups by user with variable group
-sizes, weighted by group size (STEM-Net's and the DESIGN's definition).
+sizes, weighted by group size (STEM-Net's definition; docs/design.md §2.5).
 """
 
 from __future__ import annotations

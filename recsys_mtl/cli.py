@@ -1,4 +1,4 @@
-"""``recsys-mtl``: data generation, distributed training and benchmarks (DESIGN.md §8)."""
+"""``recsys-mtl``: data generation, distributed training and benchmarks (docs/design.md §4)."""
 
 from __future__ import annotations
 
@@ -311,10 +311,13 @@ def _train_entry(cfg_dict: dict) -> None:
     # Module-level so the elastic launcher can pickle it into each rank.
     from recsys_mtl.data.schema import SchemaError
     from recsys_mtl.train.checkpoint import CheckpointError
-    from recsys_mtl.train.loop import train
+    from recsys_mtl.train.loop import NonFiniteLossError, train
 
     try:
         train(train_config_from_dict(cfg_dict))
+    except NonFiniteLossError as e:
+        print(f"recsys-mtl train: error on rank {os.environ.get('RANK', 0)}: {e}", file=sys.stderr, flush=True)
+        raise
     except SchemaError as e:  # bad data found while reading: one clear line, then fail the rank
         print(f"recsys-mtl train: data error on rank {os.environ.get('RANK', 0)}: {e}", file=sys.stderr, flush=True)
         raise
@@ -324,11 +327,27 @@ def _train_entry(cfg_dict: dict) -> None:
         raise
 
 
+def _check_writable(flag: str, directory: Path) -> None:
+    """Creates ``directory`` if needed and writes a probe file: an unwritable output or checkpoint
+    directory is found before any compute, not at the first save."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write_probe_{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise OSError(f"{flag} {directory} is not writable: {e.strerror or e}") from e
+
+
 def _inside_launcher() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    if args.nproc_per_node is not None and args.nproc_per_node <= 0:
+        print(f"recsys-mtl train: error: --nproc-per-node must be a positive integer, got {args.nproc_per_node}",
+              file=sys.stderr)
+        return 2
     try:
         cfg = config_from_args(args)
     except (ValueError, TypeError) as e:
@@ -342,7 +361,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     try:
         check_dataset(cfg.data)  # footers and column types only: fails fast, before any rank starts
         preflight(cfg)  # the newest checkpoint's meta.json must fit this dataset and model
-    except (SchemaError, CheckpointError) as e:
+        for flag, d in (("--output-dir", cfg.output_dir), ("--checkpoint-dir", cfg.checkpoint_dir)):
+            if d is not None:
+                _check_writable(flag, Path(d))
+    except (SchemaError, CheckpointError, OSError) as e:
         print(f"recsys-mtl train: error: {e}", file=sys.stderr)
         return 2
     if _inside_launcher() or not args.nproc_per_node:
@@ -420,9 +442,25 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         print(f"recsys-mtl compare: error: unknown models {unknown}; choose from {', '.join(MODEL_NAMES)}",
               file=sys.stderr)
         return 2
+    if args.seeds <= 0:
+        print(f"recsys-mtl compare: error: --seeds must be a positive integer, got {args.seeds}", file=sys.stderr)
+        return 2
+    if args.nproc_per_node is not None and args.nproc_per_node <= 0:
+        print(f"recsys-mtl compare: error: --nproc-per-node must be a positive integer, got {args.nproc_per_node}",
+              file=sys.stderr)
+        return 2
+    if not models:
+        print("recsys-mtl compare: error: --models names no model", file=sys.stderr)
+        return 2
     if not args.no_single_task and "single_task" not in models:
         models.insert(0, "single_task")
     extra = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
+    owned = [a for a in extra if a.split("=", 1)[0] in ("--data", "--output-dir", "--model", "--seed",
+                                                        "--nproc-per-node")]
+    if owned:
+        print(f"recsys-mtl compare: error: {owned[0].split('=', 1)[0]} after '--' is set by compare itself "
+              f"(use compare's own --data/--output-dir/--models/--seeds/--nproc-per-node)", file=sys.stderr)
+        return 2
     train_args = build_parser().parse_args(["train", "--data", args.data, "--output-dir", args.output_dir, *extra])
     try:
         cfg = config_from_args(train_args)
@@ -443,7 +481,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 # ---- bench ---------------------------------------------------------------------------------
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="training throughput on a DESIGN.md §7 workload, optionally vs peers",
+    p = sub.add_parser("bench", help="training throughput on a docs/design.md §7 workload, optionally vs peers",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("workload", choices=["w1", "w2"])
     p.add_argument("--peers", action="store_true",

@@ -4,11 +4,27 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 SparseOptimizer = Literal["sgd", "adagrad", "rowwise_adagrad", "adam", "partial_rowwise_adam", "lamb"]
 ShardingTypeName = Literal["table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel"]
+
+def _require(ok: bool, field: str, allowed: str, value: Any) -> None:
+    """Raises ``ValueError`` naming the config field, its CLI flag and the allowed range."""
+    if not ok:
+        flag = "--" + field.split(".")[-1].replace("_", "-")
+        raise ValueError(f"{field} ({flag}) must be {allowed}, got {value!r}")
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _positive_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x > 0
+
 
 SHARDING_TYPES: tuple[str, ...] = ("table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel")
 STEM_SPECIFIC_FIELDS = ("all", "user", "item", "none")
@@ -59,6 +75,18 @@ class ModelConfig:
     cross_stitch_self_weight: float = 0.9
     sluice_num_subspaces: int = 2
 
+    def __post_init__(self) -> None:
+        _require(_positive_int(self.embedding_dim), "model.embedding_dim", "a positive integer", self.embedding_dim)
+        for name in ("bottom_layer_sizes", "expert_layer_sizes", "tower_layer_sizes", "gate_layer_sizes"):
+            sizes = getattr(self, name)
+            _require(all(_positive_int(x) for x in sizes), f"model.{name}", "positive integers", sizes)
+        for name in ("num_experts", "num_shared_experts", "num_levels", "sluice_num_subspaces"):
+            _require(_positive_int(getattr(self, name)), f"model.{name}", "a positive integer", getattr(self, name))
+        _require(isinstance(self.num_task_experts, int) and self.num_task_experts >= 0, "model.num_task_experts",
+                 "an integer >= 0", self.num_task_experts)
+        _require(_finite(self.cross_stitch_self_weight), "model.cross_stitch_self_weight", "a finite number",
+                 self.cross_stitch_self_weight)
+
 
 @dataclass(frozen=True)
 class ShardingConfig:
@@ -97,6 +125,13 @@ class OptimConfig:
     dense_lr: float = 1e-3
     grad_clip_norm: float | None = None
 
+    def __post_init__(self) -> None:
+        for name in ("sparse_lr", "dense_lr"):
+            v = getattr(self, name)
+            _require(_finite(v) and v >= 0, f"optim.{name}", "a finite number >= 0", v)
+        _require(self.grad_clip_norm is None or (_finite(self.grad_clip_norm) and self.grad_clip_norm > 0),
+                 "optim.grad_clip_norm", "a finite number > 0 (or unset: no clipping)", self.grad_clip_norm)
+
 
 @dataclass(frozen=True)
 class LossConfig:
@@ -114,6 +149,13 @@ class LossConfig:
     weight_unit: str = "epoch"
 
     def __post_init__(self) -> None:
+        for task, w in self.task_weights.items():
+            if not (_finite(w) and w >= 0):  # a negative weight trains the task backwards
+                raise ValueError(f"loss.task_weights (--task-weight {task}=W) must be a finite number >= 0, got {w!r}")
+        for task, g in self.task_weight_decay.items():
+            if not (_finite(g) and g > 0):
+                raise ValueError(f"loss.task_weight_decay (--task-weight-decay {task}=GAMMA) must be a finite "
+                                 f"number > 0, got {g!r}")
         if self.weight_unit not in ("epoch", "step"):
             raise ValueError(f"loss.weight_unit must be 'epoch' or 'step', got {self.weight_unit!r}")
 
@@ -172,6 +214,26 @@ class TrainConfig:
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+
+    def __post_init__(self) -> None:
+        _require(_positive_int(self.batch_size), "batch_size", "a positive integer", self.batch_size)
+        _require(_positive_int(self.epochs), "epochs", "a positive integer", self.epochs)
+        _require(self.steps is None or _positive_int(self.steps), "steps", "a positive integer", self.steps)
+        _require(isinstance(self.eval_every, int) and self.eval_every >= 0, "eval_every",
+                 "an integer >= 0 (0: evaluate at the end only)", self.eval_every)
+        _require(isinstance(self.num_workers, int) and self.num_workers >= 0, "num_workers", "an integer >= 0",
+                 self.num_workers)
+        _require(_positive_int(self.log_every), "log_every", "a positive integer", self.log_every)
+        _require(_positive_int(self.shuffle_block_rows), "shuffle_block_rows", "a positive integer",
+                 self.shuffle_block_rows)
+        _require(_positive_int(self.shuffle_buffer_rows), "shuffle_buffer_rows", "a positive integer",
+                 self.shuffle_buffer_rows)
+        _require(self.checkpoint_every_steps is None or _positive_int(self.checkpoint_every_steps),
+                 "checkpoint_every_steps", "a positive integer", self.checkpoint_every_steps)
+        _require(self.checkpoint_every_minutes is None
+                 or (_finite(self.checkpoint_every_minutes) and self.checkpoint_every_minutes > 0),
+                 "checkpoint_every_minutes", "a finite number > 0", self.checkpoint_every_minutes)
+        _require(_positive_int(self.keep_last), "keep_last", "a positive integer", self.keep_last)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates ./.venv with the pinned CPU stack (DESIGN.md §3) if it is missing or out of date.
+# Creates ./.venv with the pinned CPU stack (docs/design.md §8.1) if it is missing or out of date.
 # Idempotent: a stamp holding the hash of the install inputs skips the work on later runs.
 # Sourced by quickstart.sh and test.sh; can also be run on its own.
 set -euo pipefail

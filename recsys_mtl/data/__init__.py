@@ -1,4 +1,4 @@
-"""Data path: schema, synthetic generators and the streaming parquet reader (DESIGN.md §6).
+"""Data path: schema, synthetic generators and the streaming parquet reader (docs/design.md §3).
 
 The reader names (which import torch/torchrec) load lazily, so ``recsys_mtl.data.generate_recsys``
 stays cheap to import.

@@ -1,4 +1,4 @@
-"""Streaming parquet reader: dataset directory -> :class:`~recsys_mtl.types.MTLBatch` (docs/design.md, "Data").
+"""Streaming parquet reader: dataset directory -> :class:`~recsys_mtl.types.MTLBatch` (docs/design.md §3).
 
 Work is split at row granularity: the split's rows are cut into blocks (row ranges inside row
 groups), put in one global order (stored, or a seeded per-epoch permutation shared by all ranks)

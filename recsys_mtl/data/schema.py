@@ -1,4 +1,4 @@
-"""Dataset schema: the contract between data files, models and checkpoints (DESIGN.md §6).
+"""Dataset schema: the contract between data files, models and checkpoints (docs/design.md §3).
 
 A dataset is a directory::
 
@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
 SCHEMA_FILE = "schema.json"
+SCHEMA_VERSION = 1
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
 SPLITS = ("train", "eval")
 
 Pooling = Literal["sum", "mean"]
@@ -93,11 +96,18 @@ class Schema:
 
     def __post_init__(self) -> None:
         names = [f.name for f in self.sparse] + [f.name for f in self.dense] + [t.name for t in self.tasks]
+        for n in names:
+            if not isinstance(n, str) or not _NAME.fullmatch(n):
+                # Names become module names (no "."), table names and file names (no "/").
+                raise SchemaError(f"schema: name {n!r} is not allowed: feature and task names use only letters, "
+                                  f"digits, '_' and '-' (1-128 characters)")
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise SchemaError(f"schema: duplicate column names {dup}")
         if not self.tasks:
             raise SchemaError("schema: at least one task is required")
+        if not self.sparse:
+            raise SchemaError("schema: at least one sparse feature is required (every model embeds sparse ids)")
         for f in self.sparse:
             if f.num_embeddings <= 0:
                 raise SchemaError(f"schema: sparse feature {f.name!r} has num_embeddings={f.num_embeddings}")
@@ -131,7 +141,7 @@ class Schema:
 
     def to_dict(self) -> dict:
         return {
-            "version": 1,
+            "version": SCHEMA_VERSION,
             "sparse": [asdict(f) for f in self.sparse],
             "dense": [asdict(f) for f in self.dense],
             "tasks": [asdict(t) for t in self.tasks],
@@ -145,6 +155,9 @@ class Schema:
         unknown = set(d) - known
         if unknown:
             raise SchemaError(f"{source}: unknown schema keys {sorted(unknown)}")
+        if d.get("version", SCHEMA_VERSION) != SCHEMA_VERSION:
+            raise SchemaError(f"{source}: schema version {d.get('version')!r} is not supported; this release reads "
+                              f"version {SCHEMA_VERSION}")
         try:
             return Schema(
                 sparse=tuple(SparseFeature(**f) for f in d.get("sparse", [])),

@@ -1,4 +1,4 @@
-"""Deterministic synthetic datasets, streamed to parquet (DESIGN.md §6, §8).
+"""Deterministic synthetic datasets, streamed to parquet (docs/design.md §3, §4).
 
 Two generators, both writing the standard dataset layout::
 

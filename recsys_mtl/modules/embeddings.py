@@ -1,6 +1,6 @@
 """Building embedding tables from a schema and turning their outputs into MLP inputs.
 
-Models never build tables themselves (DESIGN.md §5): the trainer builds
+Models never build tables themselves (docs/design.md §6): the trainer builds
 ``EmbeddingBagCollection``s with :func:`build_ebc` (usually on ``meta``), passes them in,
 and ``DistributedModelParallel`` shards them.
 """

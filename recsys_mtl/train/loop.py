@@ -1,6 +1,6 @@
 """The distributed, pipelined training entry point.
 
-Reads top to bottom (DESIGN.md §5.9): process group → schema → model on ``meta`` → shard →
+Reads top to bottom (docs/design.md §2.1): process group → schema → model on ``meta`` → shard →
 optimizers → resume from a checkpoint → data → pipelined loop (with periodic checkpoints) →
 evaluation → outputs. Checkpoint mechanics live in :mod:`recsys_mtl.train.checkpoint`.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -217,6 +218,9 @@ def train(cfg: TrainConfig, on_step: Callable[[int, torch.Tensor], None] | None 
         raise ValueError(f"unknown pipeline {cfg.pipeline!r}; choose from {', '.join(PIPELINES)}")
     pipeline = PIPELINES[cfg.pipeline](dmp, optimizer, env.device)
     loss_fn = dmp.module.loss  # its loss-weight schedule advances per step / epoch
+    # Fail before the compute: the eval split's values are checked now, not after the last step.
+    validate_split(cfg, schema, env, "eval")
+    guard = FiniteLossGuard(env.device)
 
     steps, samples, train_time = position.step, 0, 0.0
     history: list[dict] = position.history
@@ -260,11 +264,13 @@ def train(cfg: TrainConfig, on_step: Callable[[int, torch.Tensor], None] | None 
             steps += 1
             epoch_batches += 1
             epoch_rows += batches.pop_rows()
+            guard.update(loss, steps)
             loss_fn.step_done()
             if on_step is not None:
                 on_step(steps, loss)
             samples += cfg.batch_size * env.world_size
             if steps % cfg.log_every == 0 or steps == 1:
+                guard.check()  # the loss is read from the device here anyway
                 elapsed = train_time + time.perf_counter() - t0
                 bar.set_postfix(epoch=epoch, loss=f"{float(loss):.4f}", samples_per_s=f"{samples / elapsed:,.0f}")
             bar.update(1)
@@ -273,6 +279,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, torch.Tensor], None] | None 
                 history.append({"step": steps, "tasks": _eval_detached(pipeline, dmp, cfg, schema, env)})
                 t0 = time.perf_counter()
             if checkpointer is not None and checkpointer.due(steps):
+                guard.check()  # never save a model that has seen a non-finite loss
                 train_time += time.perf_counter() - t0
                 checkpointer.save(dmp, optimizer, at(epoch, epoch_batches, epoch_rows))
                 saved_step = steps
@@ -288,6 +295,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, torch.Tensor], None] | None 
         loss_fn.epoch_done()
         position = TrainPosition(steps, epoch + 1, 0, history, rows_seen)
     bar.close()
+    guard.check()
     if checkpointer is not None and saved_step != steps:
         checkpointer.save(dmp, optimizer, position)
 
@@ -311,11 +319,69 @@ def train(cfg: TrainConfig, on_step: Callable[[int, torch.Tensor], None] | None 
     }
     if env.is_main:
         tmp = out_dir / "metrics.json.tmp"
-        tmp.write_text(json.dumps(result, indent=2))
+        tmp.write_text(json.dumps(strict_json(result), indent=2, allow_nan=False))
         os.replace(tmp, out_dir / "metrics.json")
         print(f"\n{cfg.model.name}: {steps} steps x {env.world_size} ranks, "
               f"{result['samples_per_s']:,.0f} samples/s; eval metrics:\n{format_table(final)}", flush=True)
     return result if env.is_main else None
+
+
+class NonFiniteLossError(RuntimeError):
+    """A training step produced a NaN/inf loss: the job stops instead of training on garbage."""
+
+
+class FiniteLossGuard:
+    """Remembers the first step whose loss was not finite, without synchronising the device.
+
+    :meth:`update` is a couple of device ops per step; :meth:`check` (a collective: every rank
+    calls it at the same steps) reads the flag, all-reduced so every rank stops together, and
+    raises :class:`NonFiniteLossError` naming the step. The loop checks at its logging steps,
+    before every checkpoint and at the end, so no checkpoint or metrics of a diverged model are
+    written.
+    """
+
+    NONE = 1 << 62
+
+    def __init__(self, device: torch.device) -> None:
+        self.first_bad = torch.full((), self.NONE, dtype=torch.int64, device=device)
+
+    def update(self, loss: torch.Tensor, step: int) -> None:
+        bad = ~torch.isfinite(loss.detach())
+        self.first_bad = torch.where(bad, torch.minimum(self.first_bad, torch.full_like(self.first_bad, step)),
+                                     self.first_bad)
+
+    def check(self) -> None:
+        first = self.first_bad.clone()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        step = int(first)
+        if step != self.NONE:
+            raise NonFiniteLossError(
+                f"training loss is NaN/inf at step {step}: stopping (no checkpoint or metrics are written after "
+                f"it). Lower --dense-lr / --sparse-lr, set --grad-clip-norm, or check the data"
+            )
+
+
+def validate_split(cfg: TrainConfig, schema: Schema, env: DistEnv, split: str) -> None:
+    """Reads this rank's share of ``split`` once, checking every value (raises :class:`DataError`
+    on every rank, naming the file, column and rows, when any rank finds bad input)."""
+    loader = make_dataloader(cfg.data, split, batch_size=cfg.batch_size, rank=env.rank, world_size=env.world_size,
+                             num_workers=cfg.num_workers)
+    for _ in SyncedIterator(iter(loader), batch_size=cfg.batch_size, schema=schema,
+                            num_steps=loader.dataset.steps_per_epoch(), control_group=control_group(env)):
+        pass
+
+
+def strict_json(obj):
+    """``obj`` with every non-finite float replaced by None, so ``metrics.json`` is strict JSON (an
+    AUC on an eval split with a single class, for instance, is undefined: null)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
 
 
 def make_loss(cfg: TrainConfig, schema: Schema) -> MultiTaskLoss:

@@ -53,7 +53,7 @@ def test_plain_peer_gradients_match_ours():
 def test_w1_dense_flops_match_design():
     w = get_workload("w1")
     f = ple_dense_flops_per_sample(w.model, len(w.schema.sparse), len(w.schema.dense), len(w.schema.tasks))
-    assert 7.5e6 < f["fwd_bwd"] < 7.8e6  # DESIGN.md §7: ~7.6 MFLOP/sample
+    assert 7.5e6 < f["fwd_bwd"] < 7.8e6  # docs/design.md §7: ~7.6 MFLOP/sample
     assert [f.num_embeddings for f in w.schema.sparse].count(1_000_000) == 4 and len(w.schema.dense) == 13
 
 

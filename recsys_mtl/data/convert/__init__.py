@@ -1,4 +1,4 @@
-"""Raw public datasets → recsys_mtl datasets (``recsys-mtl data convert``; DESIGN.md §6, §8).
+"""Raw public datasets → recsys_mtl datasets (``recsys-mtl data convert``; docs/design.md §3, §4).
 
 Every converter streams its raw files twice (vocabularies and train statistics, then encoding and
 writing; see :mod:`recsys_mtl.data.convert.common`) and writes the standard layout::
