@@ -11,7 +11,10 @@ import uuid
 from pathlib import Path
 
 from recsys_mtl.config import (
+    DENSE_OPTIMIZERS,
+    MODEL_NAMES,
     PRESETS,
+    SPARSE_OPTIMIZERS,
     SHARDING_TYPES,
     ModelConfig,
     OptimConfig,
@@ -20,8 +23,6 @@ from recsys_mtl.config import (
     train_config_from_dict,
 )
 
-MODEL_NAMES = ("single_task", "shared_bottom", "omoe", "mmoe", "cgc", "ple", "stem", "ml_mmoe", "esmm", "aitm",
-               "me_mmoe", "me_ple", "asymmetric_sharing", "customized_sharing", "cross_stitch", "sluice")
 
 
 def _sizes(text: str) -> tuple[int, ...]:
@@ -204,11 +205,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--table-sharding", action="append", default=[], metavar="TABLE=TYPE",
                    help="per-table sharding type; repeatable")
     g = p.add_argument_group("optimizers")
-    g.add_argument("--sparse-optimizer", choices=["sgd", "adagrad", "rowwise_adagrad", "adam",
-                                                  "partial_rowwise_adam", "lamb"], default=None,
+    g.add_argument("--sparse-optimizer", choices=SPARSE_OPTIMIZERS, default=None,
                    help="fused optimizer of model-parallel tables (adam/partial_rowwise_adam/lamb: GPU only)")
     g.add_argument("--sparse-lr", type=float, default=None)
-    g.add_argument("--dense-optimizer", choices=["adam", "adagrad", "sgd"], default=None)
+    g.add_argument("--dense-optimizer", choices=DENSE_OPTIMIZERS, default=None)
     g.add_argument("--dense-lr", type=float, default=None)
     g.add_argument("--grad-clip-norm", type=float, default=None)
     g = p.add_argument_group("loss (PLE joint loss: sample spaces always on)")

@@ -159,19 +159,22 @@ def write_subset_analysis(out: Path, schema: Schema, models: list[str], seed: in
     files = {m: out / "runs" / m / f"seed{seed}" / "eval_predictions.parquet" for m in models}
     if BASELINE not in models or len(binary) < 2 or not all(f.exists() for f in files.values()):
         return None
-    tables = {m: pq.read_table(f).to_pandas() for m, f in files.items()}
+    # column name -> numpy array per model (pyarrow only: compare needs no pandas)
+    tables = {m: {c: t.column(c).to_numpy() for c in t.column_names} for m, t in
+              ((m, pq.read_table(f)) for m, f in files.items())}
     ref = tables[BASELINE]
     a, b = binary
-    if any(len(t) != len(ref) or not (t[f"{a}_label"].values == ref[f"{a}_label"].values).all() for t in tables.values()):
+    if any(len(t[f"{a}_label"]) != len(ref[f"{a}_label"]) or not (t[f"{a}_label"] == ref[f"{a}_label"]).all()
+           for t in tables.values()):
         return None  # eval rows differ between runs: nothing to align
     lines = [f"STEM-Net subset analysis (seed {seed}): subsets by the difference of the single-task "
              f"models' bucket indices (10 equal-frequency buckets), A = {a}, B = {b}; AUC per subset.", ""]
     for task in binary:
-        m = ref[f"{task}_mask"].values & ref[f"{a}_mask"].values & ref[f"{b}_mask"].values
+        m = ref[f"{task}_mask"] & ref[f"{a}_mask"] & ref[f"{b}_mask"]  # N bool
         res = subset_analysis(
-            ref[f"{a}_pred"].values[m], ref[f"{b}_pred"].values[m],
-            {name: t[f"{task}_pred"].values[m] for name, t in tables.items()},
-            ref[f"{task}_label"].values[m], SubsetSpec(),
+            ref[f"{a}_pred"][m], ref[f"{b}_pred"][m],
+            {name: t[f"{task}_pred"][m] for name, t in tables.items()},
+            ref[f"{task}_label"][m], SubsetSpec(),
         )
         subsets = list(res)
         lines += [f"**{task}**", "", "| model | " + " | ".join(f"{s} (n={int(res[s]['size'])})" for s in subsets) + " |",

@@ -11,10 +11,10 @@ from typing import Any, Literal
 SparseOptimizer = Literal["sgd", "adagrad", "rowwise_adagrad", "adam", "partial_rowwise_adam", "lamb"]
 ShardingTypeName = Literal["table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel"]
 
-def _require(ok: bool, field: str, allowed: str, value: Any) -> None:
+def _require(ok: bool, field: str, allowed: str, value: Any, flag: str | None = None) -> None:
     """Raises ``ValueError`` naming the config field, its CLI flag and the allowed range."""
     if not ok:
-        flag = "--" + field.split(".")[-1].replace("_", "-")
+        flag = flag or "--" + field.split(".")[-1].replace("_", "-")
         raise ValueError(f"{field} ({flag}) must be {allowed}, got {value!r}")
 
 
@@ -26,6 +26,15 @@ def _positive_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x > 0
 
 
+# The one list of each kind of name: the CLI's choices, the registries (models.MODELS,
+# distributed.optim.DENSE_OPTIMIZERS, distributed.sharding.FUSED_OPTIMIZERS) and config validation
+# all derive from these (the registries check their keys against them at import).
+MODEL_NAMES: tuple[str, ...] = (
+    "single_task", "shared_bottom", "omoe", "mmoe", "cgc", "ple", "stem", "ml_mmoe", "esmm", "aitm", "me_mmoe",
+    "me_ple", "asymmetric_sharing", "customized_sharing", "cross_stitch", "sluice",
+)
+SPARSE_OPTIMIZERS: tuple[str, ...] = ("sgd", "adagrad", "rowwise_adagrad", "adam", "partial_rowwise_adam", "lamb")
+DENSE_OPTIMIZERS: tuple[str, ...] = ("adam", "adagrad", "sgd")
 SHARDING_TYPES: tuple[str, ...] = ("table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel")
 STEM_SPECIFIC_FIELDS = ("all", "user", "item", "none")
 
@@ -76,6 +85,7 @@ class ModelConfig:
     sluice_num_subspaces: int = 2
 
     def __post_init__(self) -> None:
+        _require(self.name in MODEL_NAMES, "model.name", f"one of {', '.join(MODEL_NAMES)}", self.name, "--model")
         _require(_positive_int(self.embedding_dim), "model.embedding_dim", "a positive integer", self.embedding_dim)
         for name in ("bottom_layer_sizes", "expert_layer_sizes", "tower_layer_sizes", "gate_layer_sizes"):
             sizes = getattr(self, name)
@@ -90,20 +100,37 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class ShardingConfig:
-    """How the planner may shard tables.
+    """How the planner may shard tables, and the hardware it plans for.
 
     Args:
-        sharding_type: constrain every table to this type; None lets the planner choose.
+        sharding_type: constrain every table to this type; None: the default plan (below).
         per_table: ``{table_name: sharding_type}`` overrides (table names as in the plan).
+        data_parallel_max_rows: the default plan's rule, the same at every world size (so its
+            checkpoints reshard): a table with at most this many rows is replicated
+            (``data_parallel``, stepped by the dense optimizer); a larger one is sharded by the
+            planner with ``table_wise``, ``row_wise`` or ``table_row_wise`` (fused sparse
+            optimizer). 0: shard every table.
+        ddr_cap_gb: host memory (GiB) per rank the planner may fill; None: this host's memory
+            (``min(RAM, cgroup limit)``) divided by the local ranks.
+        hbm_cap_gb: device memory (GiB) per rank on GPUs; None: the GPU's total memory.
     """
 
     sharding_type: str | None = None
     per_table: dict[str, str] = field(default_factory=dict)
+    data_parallel_max_rows: int = 16_384
+    ddr_cap_gb: float | None = None
+    hbm_cap_gb: float | None = None
 
     def __post_init__(self) -> None:
         for st in [self.sharding_type, *self.per_table.values()]:
             if st is not None and st not in SHARDING_TYPES:
                 raise ValueError(f"unknown sharding type {st!r}; choose from {', '.join(SHARDING_TYPES)}")
+        if self.data_parallel_max_rows < 0:
+            raise ValueError(f"sharding.data_parallel_max_rows must be >= 0, got {self.data_parallel_max_rows}")
+        for name in ("ddr_cap_gb", "hbm_cap_gb"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"sharding.{name} must be > 0, got {value}")
 
 
 @dataclass(frozen=True)
@@ -126,6 +153,10 @@ class OptimConfig:
     grad_clip_norm: float | None = None
 
     def __post_init__(self) -> None:
+        _require(self.sparse_optimizer in SPARSE_OPTIMIZERS, "optim.sparse_optimizer",
+                 f"one of {', '.join(SPARSE_OPTIMIZERS)}", self.sparse_optimizer)
+        _require(self.dense_optimizer in DENSE_OPTIMIZERS, "optim.dense_optimizer",
+                 f"one of {', '.join(DENSE_OPTIMIZERS)}", self.dense_optimizer)
         for name in ("sparse_lr", "dense_lr"):
             v = getattr(self, name)
             _require(_finite(v) and v >= 0, f"optim.{name}", "a finite number >= 0", v)

@@ -9,6 +9,7 @@ from torchrec.optim.clipping import GradientClipping, GradientClippingOptimizer
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
+from recsys_mtl.config import DENSE_OPTIMIZERS as DENSE_OPTIMIZER_NAMES
 from recsys_mtl.config import OptimConfig
 
 DENSE_OPTIMIZERS = {
@@ -17,6 +18,8 @@ DENSE_OPTIMIZERS = {
     "adagrad": lambda params, lr: torch.optim.Adagrad(params, lr=lr, fused=True),
     "sgd": lambda params, lr: torch.optim.SGD(params, lr=lr),
 }
+if tuple(DENSE_OPTIMIZERS) != DENSE_OPTIMIZER_NAMES:  # config's list is the one the CLI offers
+    raise ImportError(f"DENSE_OPTIMIZERS {tuple(DENSE_OPTIMIZERS)} differs from config {DENSE_OPTIMIZER_NAMES}")
 
 
 def make_optimizer(model: nn.Module, optim: OptimConfig) -> KeyedOptimizer:

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from recsys_mtl.config import ModelConfig
+from recsys_mtl.config import MODEL_NAMES, ModelConfig
 from recsys_mtl.data.schema import Schema
 from recsys_mtl.models.aitm import AITM
 from recsys_mtl.models.cross_stitch import CrossStitch
@@ -159,6 +159,10 @@ MODELS: dict[str, Callable[[Schema, ModelConfig, torch.device], nn.Module]] = {
     "cross_stitch": _cross_stitch,
     "sluice": _sluice,
 }
+
+
+if tuple(MODELS) != MODEL_NAMES:  # config.MODEL_NAMES is the one list; the registry must match it
+    raise ImportError(f"models.MODELS {tuple(MODELS)} differs from config.MODEL_NAMES {MODEL_NAMES}")
 
 
 def build_model(schema: Schema, config: ModelConfig, device: torch.device | str = "cpu") -> nn.Module:

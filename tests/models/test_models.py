@@ -204,5 +204,5 @@ def test_train_module_masks_out_of_space_samples() -> None:
 
 
 def test_unknown_model_is_a_clear_error() -> None:
-    with pytest.raises(ValueError, match="unknown model 'nope'"):
+    with pytest.raises(ValueError, match=r"model.name \(--model\) must be one of single_task, .*got 'nope'"):
         build_model(tiny_schema(), _cfg("nope"))
