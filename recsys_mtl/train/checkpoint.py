@@ -18,8 +18,12 @@ Loading checks ``meta.json`` against the run first: the dataset schema fingerpri
 config and the optimizer kinds must match (:class:`CheckpointError` lists the differences). A
 different world size or sharding plan is fine (DCP reshards): tables may move between table-wise,
 row-wise and table-row-wise with their fused optimizer state; column-wise and data-parallel tables
-must keep their sharding type and shard count, because fbgemm's per-shard optimizer state does not
-map across those layouts (TorchRec would load the weights but silently drop that state).
+must keep their sharding type and shard count, because their optimizer state does not map across
+layouts (a data-parallel table is stepped by the dense optimizer, a column-wise one keeps fbgemm
+state per column shard; TorchRec would load the weights but silently drop that state). The error
+names the ``--table-sharding`` flags that keep those layouts. The default plan
+(:func:`recsys_mtl.distributed.sharding.constraints_for`) picks each table's layout family
+independently of the world size, so its checkpoints always reshard.
 """
 
 from __future__ import annotations
@@ -97,6 +101,7 @@ class CheckpointMeta:
     history: list
     files: dict  # {relative path: {"size": int, "crc32": int}}
     rows_seen: list = field(default_factory=list)  # TrainPosition.rows_seen
+    train: dict = field(default_factory=dict)  # the run settings checked on resume (RESUME_SETTINGS)
     created: float = 0.0
     torch_version: str = ""
 
@@ -367,7 +372,7 @@ class Checkpointer:
             model=self.run_info.get("model", {}), optim=self.run_info.get("optim", {}),
             loss=self.run_info.get("loss", {}), plan=self.plan,
             plan_summary=self.plan_summary, data_positions=positions, history=position.history, files=files,
-            rows_seen=list(position.rows_seen), created=time.time(), torch_version=torch.__version__,
+            rows_seen=list(position.rows_seen), train=dict(self.run_info.get("train", {})), created=time.time(), torch_version=torch.__version__,
         )
         with open(tmp / (META_FILE + ".part"), "w") as f:
             json.dump(dataclasses.asdict(meta), f, indent=1)
@@ -450,18 +455,43 @@ def check_compatible(meta: CheckpointMeta, path: Path, run_info: dict, plan: dic
     if set(meta.plan) != set(plan_):
         problems.append(f"tables differ: checkpoint has {sorted(set(meta.plan) - set(plan_))} not in "
                         f"this model, this model has {sorted(set(plan_) - set(meta.plan))} not in it")
+    keep: dict[str, str] = {}  # table name -> the checkpoint's sharding type, for the hint
     for table, old in meta.plan.items():
         new = plan_.get(table)
         if new is None or old == new:
             continue
         a, b = old["sharding_type"], new["sharding_type"]
         if not (a in _RESHARDABLE and b in _RESHARDABLE):
+            name = table.rsplit(".", 1)[-1]  # the name --table-sharding / sharding.per_table use
+            if a != b:
+                keep[name] = a
+                fix = f"--table-sharding {name}={a} keeps its layout"
+            else:  # column_wise shard count is set by the embedding dim, so this is not a plan choice
+                fix = f"resume on {meta.world_size} ranks, as written"
             problems.append(f"table {table}: cannot reshard {a} x{old['num_shards']} -> {b} x{new['num_shards']} "
-                            f"(fused optimizer state layout differs; only table_wise/row_wise/table_row_wise "
-                            f"tables can change plan)")
+                            f"(optimizer state does not map: data_parallel tables are stepped by the dense "
+                            f"optimizer, column_wise ones keep per-column-shard state; only table_wise/row_wise/"
+                            f"table_row_wise tables can change layout); {fix}")
+    if keep:
+        kinds = set(keep.values())
+        flags = (f"--sharding {next(iter(kinds))}" if len(kinds) == 1 and len(keep) == len(meta.plan) else
+                 " ".join(f"--table-sharding {n}={t}" for n, t in sorted(keep.items())))
+        problems.append(f"to resume this checkpoint with a different world size or plan, keep those tables' "
+                        f"layouts: {flags}")
+    notes = []
+    kinds = ("sparse_optimizer", "dense_optimizer")
+    settings = ", ".join(d for d in (
+        _dict_diff({k: v for k, v in meta.optim.items() if k not in kinds},
+                   {k: v for k, v in info.get("optim", meta.optim).items() if k not in kinds}),
+        _dict_diff(meta.train, info.get("train", {})) if meta.train and "train" in info else "",
+    ) if d)
+    if settings and info.get("allow_new_settings"):
+        notes.append(f"continuing with new settings (--resume-with-new-settings): {settings}")
+    elif settings:
+        problems.append(f"run settings differ: {settings}; resume with the checkpoint's settings, pass "
+                        f"--resume-with-new-settings to continue with the new ones, or use another --checkpoint-dir")
     if problems:
         raise CheckpointError(f"checkpoint {path} does not fit this run:\n  - " + "\n  - ".join(problems))
-    notes = []
     if meta.world_size != world_size or meta.plan != plan_:
         notes.append(f"resharding: written by {meta.world_size} ranks, loading into {world_size}")
     return notes
@@ -509,7 +539,13 @@ def checkpoint_run_info(cfg: Any, schema: Any) -> dict:
     loss = getattr(cfg, "loss", None)
     return {"schema_fingerprint": schema.fingerprint(), "model": dataclasses.asdict(cfg.model),
             "optim": dataclasses.asdict(cfg.optim), "loss": dataclasses.asdict(loss) if loss is not None else {},
-            "batch_size": cfg.batch_size}
+            "batch_size": cfg.batch_size,
+            "train": {k: getattr(cfg, k) for k in RESUME_SETTINGS if hasattr(cfg, k)},
+            "allow_new_settings": bool(getattr(cfg, "resume_with_new_settings", False))}
+
+
+# Run settings a resume must not change silently (the learning rates and clipping live in "optim").
+RESUME_SETTINGS = ("steps", "epochs", "seed", "shuffle", "shuffle_block_rows", "shuffle_buffer_rows")
 
 
 def preflight(cfg: Any) -> Path | None:

@@ -34,6 +34,7 @@ from recsys_mtl.metrics import MTLMetrics, format_table
 from recsys_mtl.models import build_model
 from recsys_mtl.train.eval_outputs import EvalCollector, write_eval_outputs
 from recsys_mtl.train.checkpoint import Checkpointer, TrainPosition, checkpoint_run_info
+from recsys_mtl.train.locks import DirLock, LockError
 from recsys_mtl.train.losses import MultiTaskLoss
 from recsys_mtl.train.task import MTLTrainModule
 from recsys_mtl.types import MTLBatch
@@ -186,8 +187,50 @@ def train(cfg: TrainConfig, on_step: Callable[[int, torch.Tensor], None] | None 
     With ``cfg.checkpoint_dir`` it resumes from the newest valid checkpoint there (model, fused
     and dense optimizer state, loss-weight schedule, RNG, step and data position) and saves every
     ``checkpoint_every_steps`` steps / ``checkpoint_every_minutes`` minutes and at the end.
+
+    One run per directory: rank 0 locks the output and checkpoint directories for the run
+    (:mod:`recsys_mtl.train.locks`; a second job on them fails with :class:`LockError`) and
+    clears the output artefacts an earlier run left there.
     """
     env = init_distributed()
+    locks = lock_run_dirs(cfg, env)
+    try:
+        return _train(cfg, env, on_step)
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+OUTPUT_ARTEFACTS = ("metrics.json", "metrics.json.tmp", "sharding_plan.txt", "eval_predictions.parquet",
+                    "expert_utilisation.json", "expert_utilisation.png")
+
+
+def lock_run_dirs(cfg: TrainConfig, env: DistEnv) -> list[DirLock]:
+    """Rank 0 locks ``cfg.output_dir`` and ``cfg.checkpoint_dir`` and removes earlier runs' output
+    artefacts; every rank raises :class:`LockError` if a directory is in use (a collective)."""
+    locks: list[DirLock] = []
+    error = None
+    if env.is_main:
+        try:
+            for flag, d in (("--output-dir", cfg.output_dir), ("--checkpoint-dir", cfg.checkpoint_dir)):
+                if d is not None and not any(lk.directory.resolve() == Path(d).resolve() for lk in locks):
+                    locks.append(DirLock(d, flag).acquire())
+            for name in OUTPUT_ARTEFACTS:  # this run rewrites them: none of an earlier run may linger
+                (Path(cfg.output_dir) / name).unlink(missing_ok=True)
+        except (LockError, OSError) as e:
+            error = str(e)
+    if dist.is_initialized() and env.world_size > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        for lock in locks:
+            lock.release()
+        raise LockError(error)
+    return locks
+
+
+def _train(cfg: TrainConfig, env: DistEnv, on_step: Callable[[int, torch.Tensor], None] | None) -> dict | None:
     torch.manual_seed(cfg.seed)
     schema = Schema.load(cfg.data)
     out_dir = Path(cfg.output_dir)

@@ -51,7 +51,8 @@ def _three_runs(data: str, root: str) -> dict:
     r = Path(root)
     train(_cfg(data, str(r / "A"), checkpoint_dir=str(r / "ckA")), on_step=record("A"))
     train(_cfg(data, str(r / "B"), checkpoint_dir=str(r / "ckB"), steps=9), on_step=record("B"))
-    train(_cfg(data, str(r / "C"), checkpoint_dir=str(r / "ckB")), on_step=record("C"))
+    # C asks for 14 steps where B's checkpoint recorded 9: an explicit change of settings.
+    train(_cfg(data, str(r / "C"), checkpoint_dir=str(r / "ckB"), resume_with_new_settings=True), on_step=record("C"))
     return losses
 
 
@@ -241,6 +242,18 @@ def test_checkpoint_with_other_optimizer_is_refused(runs):
     cfg = _cfg(str(runs["data"]), "x", checkpoint_dir=str(runs["root"] / "ckA"),
                optim=OptimConfig(sparse_optimizer="adagrad"))
     assert "optim.sparse_optimizer 'rowwise_adagrad' != 'adagrad'" in _preflight_error(cfg)
+
+
+def test_resume_with_other_settings_is_refused_unless_asked(runs):
+    from recsys_mtl.config import OptimConfig
+    from recsys_mtl.train.checkpoint import preflight
+
+    cfg = _cfg(str(runs["data"]), "x", checkpoint_dir=str(runs["root"] / "ckA"), steps=20,
+               optim=OptimConfig(dense_lr=5e-3, grad_clip_norm=1.0))
+    msg = _preflight_error(cfg)
+    assert "run settings differ" in msg and "dense_lr: 0.01 -> 0.005" in msg and "steps: 14 -> 20" in msg, msg
+    assert "--resume-with-new-settings" in msg
+    assert preflight(dataclasses.replace(cfg, resume_with_new_settings=True)).name == "step_00000014"
 
 
 def test_checkpoint_with_other_loss_weights_is_refused(runs):
