@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -201,6 +203,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, torch.Tensor], None] | None 
             lock.release()
 
 
+FINAL_MODEL_DIR = "final_model"
 OUTPUT_ARTEFACTS = ("metrics.json", "metrics.json.tmp", "sharding_plan.txt", "eval_predictions.parquet",
                     "expert_utilisation.json", "expert_utilisation.png")
 
@@ -217,6 +220,8 @@ def lock_run_dirs(cfg: TrainConfig, env: DistEnv) -> list[DirLock]:
                     locks.append(DirLock(d, flag).acquire())
             for name in OUTPUT_ARTEFACTS:  # this run rewrites them: none of an earlier run may linger
                 (Path(cfg.output_dir) / name).unlink(missing_ok=True)
+            for name in (FINAL_MODEL_DIR, "tensorboard"):
+                shutil.rmtree(Path(cfg.output_dir) / name, ignore_errors=True)
         except (LockError, OSError) as e:
             error = str(e)
     if dist.is_initialized() and env.world_size > 1:
@@ -267,6 +272,8 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step: Callable[[int, torch.Tensor]
 
     steps, samples, train_time = position.step, 0, 0.0
     history: list[dict] = position.history
+    train_log: list[dict] = []  # every log_every steps: mean loss over ranks, throughput
+    board = _tensorboard(out_dir) if env.is_main else None
     rows_seen: list[int] = list(position.rows_seen)  # per epoch, all ranks, padding excluded
     group = control_group(env)
     saved_step = position.step if checkpointer is not None and position.step else None
@@ -315,7 +322,13 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step: Callable[[int, torch.Tensor]
             if steps % cfg.log_every == 0 or steps == 1:
                 guard.check()  # the loss is read from the device here anyway
                 elapsed = train_time + time.perf_counter() - t0
-                bar.set_postfix(epoch=epoch, loss=f"{float(loss):.4f}", samples_per_s=f"{samples / elapsed:,.0f}")
+                mean_loss = global_mean(loss, env)
+                train_log.append({"step": steps, "epoch": epoch, "loss": mean_loss,
+                                  "samples_per_s": samples / max(elapsed, 1e-9)})
+                if board is not None:
+                    board.add_scalar("train/loss", mean_loss, steps)
+                    board.add_scalar("train/samples_per_s", train_log[-1]["samples_per_s"], steps)
+                bar.set_postfix(epoch=epoch, loss=f"{mean_loss:.4f}", samples_per_s=f"{samples / elapsed:,.0f}")
             bar.update(1)
             if cfg.eval_every and steps % cfg.eval_every == 0:
                 train_time += time.perf_counter() - t0
@@ -341,6 +354,12 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step: Callable[[int, torch.Tensor]
     guard.check()
     if checkpointer is not None and saved_step != steps:
         checkpointer.save(dmp, optimizer, position)
+    # The final model always lands under the output directory, as a DCP checkpoint that
+    # Checkpointer.latest()/load() (and so a later predict or export) can read, on any plan.
+    final_model = make_checkpointer(dataclasses.replace(cfg, checkpoint_dir=str(out_dir / FINAL_MODEL_DIR),
+                                                        checkpoint_every_steps=None, checkpoint_every_minutes=None,
+                                                        keep_last=1), env, schema, plan)
+    final_model.save(dmp, optimizer, position)
 
     collector = EvalCollector(schema) if cfg.eval_outputs else None
     final = _eval_detached(pipeline, dmp, cfg, schema, env, collector)
@@ -358,15 +377,38 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step: Callable[[int, torch.Tensor]
         "train_rows": count_rows(cfg.data, "train"),
         "rows_seen": rows_seen,
         "history": history,
+        "train_log": train_log,
+        "final_model": str(out_dir / FINAL_MODEL_DIR),
         "config": cfg.to_dict(),
     }
     if env.is_main:
         tmp = out_dir / "metrics.json.tmp"
         tmp.write_text(json.dumps(strict_json(result), indent=2, allow_nan=False))
         os.replace(tmp, out_dir / "metrics.json")
+        if board is not None:
+            board.close()
         print(f"\n{cfg.model.name}: {steps} steps x {env.world_size} ranks, "
               f"{result['samples_per_s']:,.0f} samples/s; eval metrics:\n{format_table(final)}", flush=True)
     return result if env.is_main else None
+
+
+def global_mean(loss: torch.Tensor, env: DistEnv) -> float:
+    """The loss averaged over ranks (a collective; called at logging steps only)."""
+    t = loss.detach().float().reshape(1).clone()
+    if dist.is_initialized() and env.world_size > 1:
+        dist.all_reduce(t)
+        t /= env.world_size
+    return float(t)
+
+
+def _tensorboard(out_dir: Path):
+    """A TensorBoard writer on ``OUT/tensorboard`` when the ``tensorboard`` package is installed
+    (it is optional), else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out_dir / "tensorboard"))
 
 
 class NonFiniteLossError(RuntimeError):
