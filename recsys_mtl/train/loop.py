@@ -14,6 +14,8 @@ import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -75,6 +77,7 @@ class SyncedIterator:
         self.it, self.batch_size, self.schema, self.pin_memory = it, batch_size, schema, pin_memory
         self.num_steps, self.control_group = max(0, num_steps), control_group
         self.steps = 0
+        self.stopped = False  # a stop was requested (SIGTERM) before num_steps
         self.pending_rows: collections.deque[int] = collections.deque()  # real rows of yielded batches
 
     def __iter__(self) -> "SyncedIterator":
@@ -88,16 +91,20 @@ class SyncedIterator:
             batch = next(self.it, None)
         except DataError as e:
             batch, error = None, e
+        stop = STOP_REQUESTED.is_set()
         if self.control_group is not None:
-            flag = torch.tensor([int(error is not None)], dtype=torch.int32)  # host tensor, CPU group
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.control_group)
-            failed = bool(flag.item())
+            flags = torch.tensor([int(error is not None), int(stop)], dtype=torch.int32)  # host tensor, CPU group
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.control_group)
+            failed, stop = bool(flags[0]), bool(flags[1])
         else:
             failed = error is not None
         if error is not None:
             raise error
         if failed:
             raise DataError("stopping: another rank read bad input data (its error names the file and rows)")
+        if stop:  # SIGTERM on some rank: every rank stops feeding at this same step
+            self.stopped = True
+            raise StopIteration
         if batch is None:  # this rank's share is one batch shorter than the longest
             batch = empty_batch(self.schema, 0)
         self.pending_rows.append(batch.batch_size)
@@ -196,11 +203,30 @@ def train(cfg: TrainConfig, on_step: Callable[[int, torch.Tensor], None] | None 
     """
     env = init_distributed()
     locks = lock_run_dirs(cfg, env)
+    previous = _on_sigterm()
     try:
         return _train(cfg, env, on_step)
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        STOP_REQUESTED.clear()
         for lock in locks:
             lock.release()
+
+
+STOP_REQUESTED = threading.Event()
+
+
+class TrainingStopped(RuntimeError):
+    """SIGTERM stopped the run (after a checkpoint when one is configured); rerun to resume."""
+
+
+def _on_sigterm():
+    """Turns SIGTERM (what Slurm and Kubernetes send before a kill) into a stop request that the
+    ranks agree on at the next step. Returns the previous handler (None off the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, lambda signum, frame: STOP_REQUESTED.set())
 
 
 FINAL_MODEL_DIR = "final_model"
@@ -343,6 +369,16 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step: Callable[[int, torch.Tensor]
         train_time += time.perf_counter() - t0
         position = at(epoch, epoch_batches, epoch_rows)
         rows_seen = position.rows_seen
+        if batches.stopped:
+            guard.check()
+            saved = None
+            if checkpointer is not None:
+                saved = checkpointer.save(dmp, optimizer, position) if saved_step != steps else "the last one"
+            raise TrainingStopped(
+                f"stopped by SIGTERM after step {steps}; "
+                + (f"checkpoint {saved} saved: rerun the same command to resume" if saved is not None
+                   else "no --checkpoint-dir, so nothing was saved")
+            )
         if epoch_batches < epoch_steps:  # stopped by --steps inside the epoch
             break
         if env.is_main:
