@@ -63,6 +63,9 @@ def train(
     # A fresh rendezvous store per restart: with the shared one, restarted ranks can read the
     # previous attempt's gloo addresses and fail to connect.
     env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    # One OpenMP thread per rank unless the caller says otherwise: what torchrun would pick anyway,
+    # set here so it does not print its multi-line notice about choosing it.
+    env.setdefault("OMP_NUM_THREADS", "1")
     app = dist.ddp(
         "train",
         *train_args,

@@ -13,6 +13,6 @@ if [[ ! -f "$DATA/schema.json" ]]; then
   recsys-mtl data synth recsys --out "$DATA" --seed 0
 fi
 echo "quickstart: training STEM-Net on 2 CPU ranks with torchx (local_cwd) ..."
-torchx run -s local_cwd launch/components.py:train --nnodes 1 --nproc_per_node 2 \
+torchx --log_level WARNING run -s local_cwd launch/components.py:train --nnodes 1 --nproc_per_node 2 \
   -- --data "$DATA" --model stem --preset quickstart --output-dir "$OUT" "$@"
 echo "quickstart: metrics in $OUT/metrics.json, sharding plan in $OUT/sharding_plan.txt"

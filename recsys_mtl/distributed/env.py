@@ -38,6 +38,9 @@ def init_distributed(backend: str | None = None) -> DistEnv:
     Without them (a plain ``python`` process) it creates a one-rank group on localhost, so
     the same sharded code path runs everywhere. CUDA → nccl on ``cuda:LOCAL_RANK``; else gloo on CPU.
     """
+    from recsys_mtl.distributed.noise import quiet_known_noise
+
+    quiet_known_noise()
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))

@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -276,7 +277,10 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step: Callable[[int, torch.Tensor]
     )
     if env.is_main:
         (out_dir / "sharding_plan.txt").write_text(plan_summary(plan) + "\n\n" + str(plan) + "\n")
-        print(f"sharding plan ({env.world_size} ranks):\n{plan_summary(plan)}", flush=True)
+        kinds = collections.Counter(ps.sharding_type for m in plan.plan.values() for ps in m.values())
+        print(f"sharding plan ({env.world_size} ranks): "
+              + ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items())) + f" tables; per table in "
+              f"{out_dir / 'sharding_plan.txt'}", flush=True)
     optimizer = make_optimizer(dmp, cfg.optim)
 
     # Checkpoint: resume from the newest valid one, if any.
@@ -304,8 +308,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step: Callable[[int, torch.Tensor]
     group = control_group(env)
     saved_step = position.step if checkpointer is not None and position.step else None
     num_epochs = cfg.epochs if cfg.steps is None else 1 << 30
-    bar = tqdm(total=cfg.steps, initial=steps, disable=not env.is_main, unit="step", dynamic_ncols=True,
-               mininterval=1.0)
+    bar = Progress(total=cfg.steps, initial=steps, enabled=env.is_main)
 
     def at(epoch: int, epoch_batches: int, epoch_rows: int) -> TrainPosition:
         """The position after ``epoch_batches`` steps of ``epoch`` (a collective: sums the rows)."""
@@ -382,7 +385,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step: Callable[[int, torch.Tensor]
         if epoch_batches < epoch_steps:  # stopped by --steps inside the epoch
             break
         if env.is_main:
-            tqdm.write(f"epoch {epoch}: {rows_seen[epoch]:,} training rows ({epoch_steps} steps x "
+            bar.write(f"epoch {epoch}: {rows_seen[epoch]:,} training rows ({epoch_steps} steps x "
                        f"{env.world_size} ranks x batch {cfg.batch_size}, short batches padded)")
         loss_fn.epoch_done()
         position = TrainPosition(steps, epoch + 1, 0, history, rows_seen)
@@ -426,6 +429,54 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step: Callable[[int, torch.Tensor]
         print(f"\n{cfg.model.name}: {steps} steps x {env.world_size} ranks, "
               f"{result['samples_per_s']:,.0f} samples/s; eval metrics:\n{format_table(final)}", flush=True)
     return result if env.is_main else None
+
+
+class Progress:
+    """Training progress on rank 0: a live bar on a terminal; elsewhere (torchx, Slurm, a log
+    file) one plain line every ``every_seconds`` seconds instead of one per bar refresh.
+
+    Args:
+        total (int | None): steps of the run, when known.
+        initial (int): steps already done (a resumed run).
+        enabled (bool): False on ranks other than 0.
+        every_seconds (float): period of the plain lines.
+        stream: where to write (stderr).
+    """
+
+    def __init__(self, total: int | None, initial: int, enabled: bool, every_seconds: float = 10.0,
+                 stream=None) -> None:
+        self.stream = stream or sys.stderr
+        self.enabled, self.every = enabled, every_seconds
+        self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, mininterval=1.0,
+                        file=self.stream) if self.tty else None
+        self.total, self.step, self.postfix = total, initial, ""
+        self.last = time.monotonic()
+
+    def set_postfix(self, **values: object) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(**values)
+        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
+
+    def update(self, n: int = 1) -> None:
+        self.step += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.enabled and time.monotonic() - self.last >= self.every:
+            self.last = time.monotonic()
+            self.write(f"step {self.step}{'/' + str(self.total) if self.total else ''}: {self.postfix}")
+
+    def write(self, line: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(line, file=self.stream)
+        else:
+            print(line, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def global_mean(loss: torch.Tensor, env: DistEnv) -> float:

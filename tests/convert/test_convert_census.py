@@ -166,3 +166,14 @@ def test_cli(tmp_path, capsys):
     assert "input file not found" in capsys.readouterr().err
     assert math.isclose(Schema.load(out).metadata["label_mean"]["income"]["eval"] or 0.0,
                         np.mean([r[41] == "50000+." for r in _raw_rows()[800:]]))
+
+
+@pytest.mark.parametrize("payload", [bytes(range(256)) * 40, b"\x7fELF\x02\x01\x01\x00" + b"\xd0\x9f\xff" * 500])
+def test_binary_input_is_refused_without_echoing_bytes(tmp_path, capsys, payload):
+    binary = tmp_path / "census-income.data"
+    binary.write_bytes(payload)
+    assert main(["data", "convert", "census-kdd", "--input", str(binary), "--out", str(tmp_path / "ds")]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1 and "a binary file, not delimited text" in err, err
+    assert err.isascii() and err.isprintable() and not captured.out.strip()  # no raw bytes on the screen

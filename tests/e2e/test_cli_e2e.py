@@ -111,6 +111,13 @@ def test_out_of_range_id_stops_training_with_clear_error(dataset: Path, tmp_path
     proc = subprocess.run([str(BIN / "recsys-mtl"), "train", "--data", str(bad), "--model", "mmoe", "--output-dir",
                            str(tmp_path / "out"), "--nproc-per-node", "2", "--steps", "3"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1
-    assert "data error" in proc.stderr and "item_id" in proc.stderr and str(part) in proc.stderr
+    assert proc.returncode == 2
+    # The output ends with one line per failing rank; the tracebacks are in OUT/logs.
+    tail = proc.stderr.strip().splitlines()[-3:]
+    assert [t.split(":")[1] for t in tail[:2]] == [" data error on rank 0", " data error on rank 1"], tail
+    named = [t for t in tail[:2] if "item_id" in t and str(part) in t and "first bad row 5" in t]
+    assert len(named) == 1 and sum("another rank" in t for t in tail[:2]) == 1, tail
+    assert "full tracebacks in" in tail[2], tail
+    assert "Traceback" not in proc.stderr
+    assert (tmp_path / "out" / "logs" / "error_rank_0.log").read_text().startswith("Traceback")
     assert not (tmp_path / "out" / "metrics.json").exists()

@@ -57,6 +57,24 @@ def open_text(path: Path) -> io.TextIOBase:
     return open(path, encoding="utf-8", errors="replace", newline="")
 
 
+def check_text_file(path: Path, sniff_bytes: int = 1 << 16) -> None:
+    """Refuses a binary file before parsing it as text: a NUL byte, or bytes that are not UTF-8, in
+    its first ``sniff_bytes`` (after gzip decompression). The message never echoes the raw bytes."""
+    try:
+        with (gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")) as f:
+            head = f.read(sniff_bytes)
+    except (OSError, EOFError) as e:
+        raise ConvertError(f"{path}: unreadable: {e}") from None
+    try:
+        head.decode("utf-8")
+        text = True
+    except UnicodeDecodeError as e:
+        text = e.start >= len(head) - 3  # only a multi-byte character cut by the sniff window
+    if b"\x00" in head or not text:
+        raise ConvertError(f"{path}: a binary file, not delimited text (its first {len(head):,} bytes are not UTF-8 "
+                           f"text); check --input")
+
+
 def _locate_line(path: Path, text: str, from_line: int) -> int | None:
     """1-based number of the first line at or after ``from_line`` whose content is ``text``."""
     with open_text(path) as f:
@@ -133,6 +151,7 @@ def read_csv_chunks(
     path = Path(path)
     if not path.is_file():
         raise ConvertError(f"{path}: input file not found")
+    check_text_file(path)
     bad: list = []
 
     def on_invalid(row) -> str:
