@@ -2,11 +2,13 @@
 # Throughput benchmark of one docs/design.md §7 workload against its peers, on an idle machine:
 #   bash benchmarks/run.sh w1 [OUT.json]   # PLE vs plain PyTorch vs torch-rechub
 #   bash benchmarks/run.sh w2 [OUT.json]   # STEM-Net vs plain PyTorch (~12 GiB for the peer)
+#   bash benchmarks/run.sh plans [OUT.json] # default sharding plan vs each sharding type, 2 gloo ranks
+#                                             (WIDE_ROWS=N: 3 of its 32 tables get N rows)
 # Needs the bench extra (installed by scripts/setup.sh). With 2 cores, any other process turns the
 # 2-thread OpenMP regions into many-fold slowdowns, so it first waits for idle CPUs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-WORKLOAD="${1:?usage: benchmarks/run.sh {w1,w2} [OUT.json]}"
+WORKLOAD="${1:?usage: benchmarks/run.sh w1|w2|plans [OUT.json]}"
 OUT="${2:-benchmarks/results/$WORKLOAD.json}"
 STEPS="${STEPS:-40}"
 WARMUP="${WARMUP:-5}"
@@ -26,5 +28,10 @@ if [ "$WORKLOAD" = w2 ]; then
     if [ "$avail_gb" -lt 14 ]; then
         echo "warning: only ${avail_gb} GiB available; the plain PyTorch peer needs ~12 GiB" >&2
     fi
+fi
+if [ "$WORKLOAD" = plans ]; then  # no peers: the default sharding plan vs each sharding type, 2 ranks
+    .venv/bin/recsys-mtl bench plans --output "$OUT" --steps "$STEPS" --warmup "$WARMUP" \
+        ${WIDE_ROWS:+--wide-rows "$WIDE_ROWS"}
+    exit 0
 fi
 .venv/bin/recsys-mtl bench "$WORKLOAD" --peers --output "$OUT" --steps "$STEPS" --warmup "$WARMUP"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import sys
 import uuid
@@ -25,6 +26,12 @@ from recsys_mtl.config import (
 
 
 
+def _host_memory_gib() -> float:
+    from recsys_mtl.distributed.hardware import host_memory_bytes
+
+    return host_memory_bytes() / 2**30
+
+
 def _sizes(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.split(",") if x.strip())
@@ -39,13 +46,37 @@ def _floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` only for real defaults: flags whose parser default is None take
+    theirs from the config dataclasses (:func:`_config_defaults`) or say it in their help."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or action.default is argparse.SUPPRESS or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+def _config_defaults(parser: argparse.ArgumentParser) -> None:
+    """Writes the TrainConfig / ModelConfig / OptimConfig default of every override flag (parser
+    default None) into its help, so ``--help`` shows what a run really uses."""
+    train = TrainConfig(data="", output_dir="")
+    sources = {**{k: getattr(train.model, k) for k in _MODEL_FLAGS}, **{k: getattr(train.optim, k) for k in _OPTIM_FLAGS},
+               **{k: getattr(train, k) for k in _TRAIN_FLAGS}, "model": train.model.name}
+    for action in parser._actions:
+        if action.default is None and sources.get(action.dest) is not None and "default" not in (action.help or ""):
+            value = sources[action.dest]
+            shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+            action.help = f"{action.help + ' ' if action.help else ''}(default: {shown})"
+
+
 # ---- data ----------------------------------------------------------------------------------
 
 def _add_data(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="generate or convert datasets")
     dsub = data.add_subparsers(dest="data_cmd", required=True)
     synth = dsub.add_parser("synth", help="write a synthetic dataset (schema.json + parquet)",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=_HelpFormatter)
     synth.add_argument("kind", choices=["recsys", "mmoe"],
                        help="recsys: users/items with shared + task-specific preferences; "
                             "mmoe: the MMoE/PLE synthetic regression benchmark")
@@ -97,7 +128,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 def _add_convert(dsub: argparse._SubParsersAction) -> None:
     conv = dsub.add_parser(
         "convert", help="convert a raw public dataset (schema.json + parquet)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
         description="Streams the raw files twice (vocabularies and train statistics, then writing). "
                     "Inputs by dataset: census-kdd: census-income.data/.test[.gz]; ali-ccp: "
                     "sample_skeleton_{train,test}.csv + common_features_{train,test}.csv; kuairand: "
@@ -159,7 +190,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train", help="train a sharded multi-task model",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
         description="Trains a model with TorchRec sharding and TrainPipelineSparseDist. With "
                     "--nproc-per-node N it starts N local ranks itself; launched by torchrun/torchx it "
                     "joins their process group. Writes OUT/metrics.json and OUT/sharding_plan.txt.",
@@ -178,7 +209,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps (0: at the end only)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers per rank")
+    p.add_argument("--log-every", type=int, default=None,
+                   help="every N steps: mean training loss and samples/s to the console, metrics.json's "
+                        "train_log and TensorBoard (OUT/tensorboard, when installed) (default 10)")
     p.add_argument("--pipeline", choices=["sparse_dist", "base"], default=None)
+    p.add_argument("--debug", action="store_true",
+                   help="print full tracebacks of data/config/checkpoint errors (default: one line per failing "
+                        "rank, tracebacks in OUT/logs/)")
     p.add_argument("--no-eval-outputs", action="store_true",
                    help="skip eval_predictions.parquet, gAUC and expert utilisation (huge eval splits)")
     g = p.add_argument_group("data order")
@@ -196,14 +233,28 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--checkpoint-every-steps", type=int, default=None, help="save every N steps")
     g.add_argument("--checkpoint-every-minutes", type=float, default=None, help="save every M minutes")
     g.add_argument("--keep-last", type=int, default=None, help="checkpoints to keep (default 3)")
+    g.add_argument("--resume-with-new-settings", action="store_true",
+                   help="resume a checkpoint even though --steps/--epochs/--seed/shuffle/learning rates/clipping "
+                        "differ from its run, continuing with the new settings (default: refuse)")
     g.add_argument("--max-restarts", type=int, default=0,
                    help="with --nproc-per-node: restart all local ranks up to N times after a rank fails "
                         "(they resume from the last checkpoint); under torchx use --max_retries")
     g = p.add_argument_group("sharding")
     g.add_argument("--sharding", choices=SHARDING_TYPES, default=None,
-                   help="constrain every table to one sharding type (default: the planner chooses)")
+                   help="constrain every table to one sharding type (None: the default plan, see "
+                        "--data-parallel-max-rows)")
     g.add_argument("--table-sharding", action="append", default=[], metavar="TABLE=TYPE",
                    help="per-table sharding type; repeatable")
+    g.add_argument("--data-parallel-max-rows", type=int, default=argparse.SUPPRESS, metavar="ROWS",
+                   help=f"default plan: tables with at most ROWS rows are data_parallel, larger ones are "
+                        f"table_wise/row_wise/table_row_wise as the planner chooses; the same at every world "
+                        f"size, so checkpoints reshard; 0: shard every table "
+                        f"(default: {ShardingConfig().data_parallel_max_rows})")
+    g.add_argument("--ddr-cap-gb", type=float, default=argparse.SUPPRESS, metavar="GIB",
+                   help=f"host memory per rank the planner may fill (default: this host's "
+                        f"{_host_memory_gib():.1f} GiB divided by its local ranks); for ranks on other hardware")
+    g.add_argument("--hbm-cap-gb", type=float, default=argparse.SUPPRESS, metavar="GIB",
+                   help="GPU memory per rank the planner may fill (default: the GPU's total memory)")
     g = p.add_argument_group("optimizers")
     g.add_argument("--sparse-optimizer", choices=SPARSE_OPTIMIZERS, default=None,
                    help="fused optimizer of model-parallel tables (adam/partial_rowwise_adam/lamb: GPU only)")
@@ -236,6 +287,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--cross-stitch-self-weight", type=float, default=None,
                    help="cross_stitch/sluice: initial diagonal of the alpha mixing matrices")
     g.add_argument("--sluice-num-subspaces", type=int, default=None, help="sluice: subspaces per layer")
+    _config_defaults(p)
     p.set_defaults(func=_cmd_train)
 
 
@@ -244,7 +296,7 @@ _MODEL_FLAGS = ("embedding_dim", "expert_layer_sizes", "tower_layer_sizes", "bot
                 "stem_gate_input", "stem_specific_fields", "asymmetric_fusion", "cross_stitch_self_weight",
                 "sluice_num_subspaces")
 _OPTIM_FLAGS = ("sparse_optimizer", "sparse_lr", "dense_optimizer", "dense_lr", "grad_clip_norm")
-_TRAIN_FLAGS = ("epochs", "steps", "batch_size", "eval_every", "seed", "shuffle_block_rows", "shuffle_buffer_rows",
+_TRAIN_FLAGS = ("epochs", "steps", "batch_size", "eval_every", "log_every", "seed", "shuffle_block_rows", "shuffle_buffer_rows",
                 "num_workers", "pipeline", "checkpoint_dir",
                 "checkpoint_every_steps", "checkpoint_every_minutes", "keep_last")
 
@@ -269,14 +321,19 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         train_kw["eval_outputs"] = False
     if args.no_shuffle:
         train_kw["shuffle"] = False
+    if args.resume_with_new_settings:
+        train_kw["resume_with_new_settings"] = True
     per_table = dict(cfg.sharding.per_table)
     for item in args.table_sharding:
         if "=" not in item:
             raise SystemExit(f"--table-sharding expects TABLE=TYPE, got {item!r}")
         name, st = item.split("=", 1)
         per_table[name] = st
-    sharding = ShardingConfig(
-        sharding_type=args.sharding if args.sharding else cfg.sharding.sharding_type, per_table=per_table
+    sharding = dataclasses.replace(
+        cfg.sharding, per_table=per_table, **{k: v for k, v in (
+            ("sharding_type", args.sharding), ("data_parallel_max_rows", getattr(args, "data_parallel_max_rows", None)),
+            ("ddr_cap_gb", getattr(args, "ddr_cap_gb", None)), ("hbm_cap_gb", getattr(args, "hbm_cap_gb", None)),
+        ) if v is not None}
     )
     loss = dataclasses.replace(
         cfg.loss,
@@ -307,24 +364,47 @@ def _name_values(items: list[str], flag: str) -> dict[str, float]:
     return out
 
 
-def _train_entry(cfg_dict: dict) -> None:
+ERROR_DIR = "logs"  # OUT/logs/error_rank_R.{txt,log}: each failing rank's line and full traceback
+
+
+def _train_entry(cfg_dict: dict, debug: bool = False) -> None:
     # Module-level so the elastic launcher can pickle it into each rank.
     from recsys_mtl.data.schema import SchemaError
+    from recsys_mtl.distributed.sharding import ShardingPlanError
     from recsys_mtl.train.checkpoint import CheckpointError
-    from recsys_mtl.train.loop import NonFiniteLossError, train
+    from recsys_mtl.train.locks import LockError
+    from recsys_mtl.train.loop import NonFiniteLossError, TrainingStopped, train
 
+    rank = os.environ.get("RANK", "0")
     try:
         train(train_config_from_dict(cfg_dict))
-    except NonFiniteLossError as e:
-        print(f"recsys-mtl train: error on rank {os.environ.get('RANK', 0)}: {e}", file=sys.stderr, flush=True)
-        raise
-    except SchemaError as e:  # bad data found while reading: one clear line, then fail the rank
-        print(f"recsys-mtl train: data error on rank {os.environ.get('RANK', 0)}: {e}", file=sys.stderr, flush=True)
-        raise
-    except CheckpointError as e:
-        print(f"recsys-mtl train: checkpoint error on rank {os.environ.get('RANK', 0)}: {e}", file=sys.stderr,
-              flush=True)
-        raise
+    except TrainingStopped as e:  # SIGTERM: a clean stop after the checkpoint, no traceback
+        print(f"\nrecsys-mtl train: rank {rank}: {e}", file=sys.stderr, flush=True)
+        sys.exit(143)
+    except (SchemaError, CheckpointError, NonFiniteLossError, LockError, ShardingPlanError) as e:
+        # Errors of ours: one line per failing rank, the traceback to OUT/logs (or the screen with --debug).
+        kind = {SchemaError: "data error", CheckpointError: "checkpoint error",
+                ShardingPlanError: "sharding error"}.get(next((c for c in (SchemaError, CheckpointError,
+                                                                           ShardingPlanError) if isinstance(e, c)),
+                                                          None), "error")
+        line = f"recsys-mtl train: {kind} on rank {rank}: " + " ".join(str(e).split())
+        if debug:
+            raise
+        _write_error(Path(cfg_dict["output_dir"]), rank, line)
+        print("\n" + line, file=sys.stderr, flush=True)  # a new line: never glued to the progress bar
+        sys.exit(2)
+
+
+def _write_error(out_dir: Path, rank: str, line: str) -> None:
+    import traceback
+
+    try:
+        d = out_dir / ERROR_DIR
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"error_rank_{rank}.log").write_text(traceback.format_exc())
+        (d / f"error_rank_{rank}.txt").write_text(line + "\n")
+    except OSError:
+        pass  # the output directory itself may be the problem; the line still goes to stderr
 
 
 def _check_writable(flag: str, directory: Path) -> None:
@@ -337,6 +417,18 @@ def _check_writable(flag: str, directory: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise OSError(f"{flag} {directory} is not writable: {e.strerror or e}") from e
+
+
+def _check_unlocked(flag: str, directory: Path) -> None:
+    """Refuses, before any rank starts, a directory that a running job has locked."""
+    from recsys_mtl.train.locks import DirLock, LockError
+
+    lock = DirLock(directory, flag)
+    info = lock.holder()
+    if info is not None and not lock.stale(info):
+        raise LockError(f"{flag} {directory} is in use by another run: pid {info.get('pid')} on host "
+                        f"{info.get('host')} since {info.get('started')} (lock {lock.path}). Use another "
+                        f"directory, or delete the lock file once that job is known to be gone")
 
 
 def _inside_launcher() -> bool:
@@ -357,6 +449,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from recsys_mtl.data.schema import SchemaError
 
     from recsys_mtl.train.checkpoint import CheckpointError, preflight
+    from recsys_mtl.train.locks import LockError
 
     try:
         check_dataset(cfg.data)  # footers and column types only: fails fast, before any rank starts
@@ -364,7 +457,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         for flag, d in (("--output-dir", cfg.output_dir), ("--checkpoint-dir", cfg.checkpoint_dir)):
             if d is not None:
                 _check_writable(flag, Path(d))
-    except (SchemaError, CheckpointError, OSError) as e:
+                if not _inside_launcher():  # inside a launch, rank 0 may hold it already: train() checks
+                    _check_unlocked(flag, Path(d))
+    except (SchemaError, CheckpointError, OSError, LockError) as e:
         print(f"recsys-mtl train: error: {e}", file=sys.stderr)
         return 2
     if _inside_launcher() or not args.nproc_per_node:
@@ -372,16 +467,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
             print("recsys-mtl train: error: --nnodes > 1 needs torchx/torchrun (see launch/components.py)",
                   file=sys.stderr)
             return 2
-        _train_entry(cfg.to_dict())
+        _train_entry(cfg.to_dict(), args.debug)
         return 0
     if args.nnodes > 1:
         print("recsys-mtl train: error: multi-node jobs are launched with torchx/torchrun "
               "(see README 'Launching on a cluster'); --nproc-per-node starts local ranks only", file=sys.stderr)
         return 2
-    return _launch_local("train", _train_entry, cfg.to_dict(), args.nproc_per_node, args.max_restarts)
+    for old in (Path(cfg.output_dir) / ERROR_DIR).glob("error_rank_*"):  # an earlier run's errors
+        old.unlink(missing_ok=True)
+    return _launch_local("train", _train_entry, cfg.to_dict(), args.nproc_per_node, args.max_restarts,
+                         error_dir=Path(cfg.output_dir) / ERROR_DIR, debug=args.debug)
 
 
-def _launch_local(command: str, entry, payload: dict, nproc_per_node: int, max_restarts: int = 0) -> int:
+class _DropOurExits(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "failed (exitcode: 2)" not in str(record.getMessage())
+
+
+def _launch_local(command: str, entry, payload: dict, nproc_per_node: int, max_restarts: int = 0,
+                  error_dir: Path | None = None, debug: bool = False) -> int:
     """Runs ``entry(payload)`` on ``nproc_per_node`` local ranks with TorchElastic's launcher (the
     agent torchrun and torchx use); returns the command's exit code."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -397,9 +501,27 @@ def _launch_local(command: str, entry, payload: dict, nproc_per_node: int, max_r
     # Restarted ranks must not read the previous attempt's addresses from a store shared across
     # restarts: opt out of sharing the rendezvous store, so every attempt gets a fresh one.
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    # One OpenMP pool per rank sized to its share of the cores (torchrun sets 1): ranks that
+    # oversubscribe the cores stall at every parallel region (3-10x slower steps on 2 cores).
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc_per_node)))
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    # Known noise of the pinned stack: the agent logs a failed rank's exit as a traceback of its own
+    # process-join code. For exit code 2 (errors of ours, each already one line) that copy is
+    # dropped; other exits (a crash, a SIGKILL) keep the agent's report.
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_DropOurExits())
+
     try:
-        elastic_launch(launch, entry)(payload)
+        elastic_launch(launch, entry)(payload, *((debug,) if error_dir is not None else ()))
+    except SignalException as e:  # SIGTERM/SIGINT to this launcher: the ranks got it too and stopped cleanly
+        print(f"recsys-mtl {command}: stopped by signal {e.sigval.name}; the ranks' last lines above say what "
+              f"was saved", file=sys.stderr)
+        return 128 + int(e.sigval)
     except ChildFailedError as e:
+        lines = sorted(error_dir.glob("error_rank_*.txt")) if error_dir is not None else []
+        if lines and all(f.exitcode == 2 for f in e.failures.values()):  # errors of ours: their lines, last
+            print("\n" + "".join(p.read_text() for p in lines).rstrip("\n"), file=sys.stderr)
+            print(f"recsys-mtl {command}: full tracebacks in {error_dir}", file=sys.stderr)
+            return 2
         rank, first = next(iter(e.failures.items()))
         print(f"recsys-mtl {command}: error: rank {rank} failed (exit code {first.exitcode}); "
               f"its traceback is above", file=sys.stderr)
@@ -412,7 +534,7 @@ def _launch_local(command: str, entry, payload: dict, nproc_per_node: int, max_r
 def _add_compare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "compare", help="train models x seeds on one dataset and tabulate them",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
         description="Trains every model for every seed (sharded, on --nproc-per-node local ranks or "
                     "the torchx/torchrun job it runs in) and writes OUT/results.csv, OUT/results.md "
                     "(mean ± std, MTL gain vs single_task, #params) and OUT/results.png. Arguments after "
@@ -482,19 +604,33 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="training throughput on a docs/design.md §7 workload, optionally vs peers",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("workload", choices=["w1", "w2"])
+                       formatter_class=_HelpFormatter)
+    p.add_argument("workload", choices=["w1", "w2", "plans"],
+                   help="w1, w2: vs peers; plans: the default sharding plan vs every sharding type on 32 small "
+                        "Census-Income tables, PLE, 2 local gloo ranks")
     p.add_argument("--peers", action="store_true",
                    help="also run the peers: plain PyTorch and torch-rechub (w1), plain PyTorch only "
-                        "(w2: torch-rechub has no STEM-Net)")
+                        "(w2: torch-rechub has no STEM-Net); plans has no peers")
     p.add_argument("--output", default=None, help="write the result JSON here")
     p.add_argument("--steps", type=int, default=20, help="timed steps per contender")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per contender")
     p.add_argument("--batch-size", type=int, default=None, help="override the workload's batch size")
+    p.add_argument("--wide-rows", type=int, default=None, metavar="ROWS",
+                   help="plans: give 3 of the 32 tables ROWS rows each (where sharding starts to pay off)")
     p.set_defaults(func=_cmd_bench)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.workload == "plans":
+        from recsys_mtl.bench.plans import BATCH_SIZE, run_plans_bench
+
+        try:
+            run_plans_bench(steps=args.steps, warmup=args.warmup, batch_size=args.batch_size or BATCH_SIZE,
+                            wide_rows=args.wide_rows, output=args.output)
+        except ValueError as e:
+            print(f"recsys-mtl bench: error: {e}", file=sys.stderr)
+            return 2
+        return 0
     from recsys_mtl.bench import run_bench
 
     run_bench(args.workload, peers=args.peers, output=args.output, steps=args.steps, warmup=args.warmup,

@@ -125,12 +125,12 @@ class ShardingConfig:
         for st in [self.sharding_type, *self.per_table.values()]:
             if st is not None and st not in SHARDING_TYPES:
                 raise ValueError(f"unknown sharding type {st!r}; choose from {', '.join(SHARDING_TYPES)}")
-        if self.data_parallel_max_rows < 0:
-            raise ValueError(f"sharding.data_parallel_max_rows must be >= 0, got {self.data_parallel_max_rows}")
+        rows = self.data_parallel_max_rows
+        _require(isinstance(rows, int) and not isinstance(rows, bool) and rows >= 0, "sharding.data_parallel_max_rows",
+                 "an integer >= 0", rows)
         for name in ("ddr_cap_gb", "hbm_cap_gb"):
             value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ValueError(f"sharding.{name} must be > 0, got {value}")
+            _require(value is None or (_finite(value) and value > 0), f"sharding.{name}", "a number > 0 (GiB)", value)
 
 
 @dataclass(frozen=True)
@@ -221,6 +221,9 @@ class TrainConfig:
         checkpoint_every_steps: save every N steps (None: only at the end / by time).
         checkpoint_every_minutes: also save when this many minutes passed since the last save.
         keep_last: checkpoints kept in ``checkpoint_dir`` (older ones are deleted).
+        resume_with_new_settings: resume a checkpoint whose run settings (steps, epochs, seed,
+            shuffle, learning rates, clipping) differ from this config, continuing with the new
+            ones; without it such a resume is refused, naming the differences.
     """
 
     data: str
@@ -241,6 +244,7 @@ class TrainConfig:
     checkpoint_every_steps: int | None = None
     checkpoint_every_minutes: float | None = None
     keep_last: int = 3
+    resume_with_new_settings: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -456,6 +456,7 @@ def check_compatible(meta: CheckpointMeta, path: Path, run_info: dict, plan: dic
         problems.append(f"tables differ: checkpoint has {sorted(set(meta.plan) - set(plan_))} not in "
                         f"this model, this model has {sorted(set(plan_) - set(meta.plan))} not in it")
     keep: dict[str, str] = {}  # table name -> the checkpoint's sharding type, for the hint
+    before = len(problems)
     for table, old in meta.plan.items():
         new = plan_.get(table)
         if new is None or old == new:
@@ -463,21 +464,22 @@ def check_compatible(meta: CheckpointMeta, path: Path, run_info: dict, plan: dic
         a, b = old["sharding_type"], new["sharding_type"]
         if not (a in _RESHARDABLE and b in _RESHARDABLE):
             name = table.rsplit(".", 1)[-1]  # the name --table-sharding / sharding.per_table use
+            same = ""
             if a != b:
                 keep[name] = a
-                fix = f"--table-sharding {name}={a} keeps its layout"
             else:  # column_wise shard count is set by the embedding dim, so this is not a plan choice
-                fix = f"resume on {meta.world_size} ranks, as written"
-            problems.append(f"table {table}: cannot reshard {a} x{old['num_shards']} -> {b} x{new['num_shards']} "
-                            f"(optimizer state does not map: data_parallel tables are stepped by the dense "
-                            f"optimizer, column_wise ones keep per-column-shard state; only table_wise/row_wise/"
-                            f"table_row_wise tables can change layout); {fix}")
-    if keep:
+                same = f" (resume on {meta.world_size} ranks, as written)"
+            problems.append(f"table {table}: cannot reshard {a} x{old['num_shards']} -> {b} x{new['num_shards']}"
+                            f"{same}")
+    if len(problems) > before:
         kinds = set(keep.values())
         flags = (f"--sharding {next(iter(kinds))}" if len(kinds) == 1 and len(keep) == len(meta.plan) else
                  " ".join(f"--table-sharding {n}={t}" for n, t in sorted(keep.items())))
-        problems.append(f"to resume this checkpoint with a different world size or plan, keep those tables' "
-                        f"layouts: {flags}")
+        problems.append("the optimizer state of data_parallel and column_wise tables does not map to another "
+                        "layout (data_parallel tables are stepped by the dense optimizer, column_wise ones keep "
+                        "state per column shard; only table_wise/row_wise/table_row_wise tables change layout)"
+                        + (f"; to resume with a different world size or plan, keep those tables' layouts: {flags}"
+                           if keep else ""))
     notes = []
     kinds = ("sparse_optimizer", "dense_optimizer")
     settings = ", ".join(d for d in (
