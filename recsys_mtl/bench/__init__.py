@@ -1,4 +1,4 @@
-"""Throughput benchmarks against peers (DESIGN.md §7, §8).
+"""Throughput benchmarks against peers (docs/design.md §7, §4.4).
 
 :func:`run_bench` trains recsys_mtl's pipelined, sharded model and, with ``peers=True``, the same
 architecture in plain PyTorch and (W1 only: torch-rechub has no STEM-Net) torch-rechub's PLE on
@@ -9,15 +9,14 @@ the same pre-generated synthetic batches in one process, with ``torch`` on 2 thr
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 import sys
-from pathlib import Path
 
 import torch
 
 from recsys_mtl.bench.gemm import dense_flops_per_sample, measure_gemm_gflops
+from recsys_mtl.bench.report import emit
 from recsys_mtl.bench.runner import median_s, run_contenders
 from recsys_mtl.bench.timing import peak_rss_mb
 from recsys_mtl.bench.workloads import Workload, get_workload, make_batches
@@ -57,7 +56,7 @@ def run_bench(
     show_progress: bool | None = None,
     print_table: bool = True,
 ) -> dict:
-    """Benchmarks ``workload`` and returns the ``bench`` JSON (DESIGN.md §8), extra keys included.
+    """Benchmarks ``workload`` and returns the ``bench`` JSON (docs/design.md §4.4), extra keys included.
 
     Args:
         workload (str): ``w1`` or ``w2`` (``w1_tiny`` / ``w2_tiny`` are toy-size smoke tests).
@@ -124,13 +123,7 @@ def run_bench(
         result["rss_mb"] = {c.name: c.rss_mb for c in contenders}  # process RSS while each one lived
     if peers and "torch_rechub" not in names:
         result["absent"] = {"torch_rechub": f"torch-rechub has no {w.model.name} model"}
-    if print_table:
-        print(format_table(result), flush=True)
-    if output:
-        path = Path(output)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return emit(result, output, format_table, print_table)
 
 
 def format_table(result: dict) -> str:

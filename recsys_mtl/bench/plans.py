@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import datetime
 import itertools
-import json
 import os
 import statistics
 import time
 import uuid
 from collections import Counter
-from pathlib import Path
 
+from recsys_mtl.bench.report import emit
 from recsys_mtl.config import ModelConfig, OptimConfig, ShardingConfig
 from recsys_mtl.data.schema import DenseFeature, Schema, SparseFeature, TaskSpec
 
@@ -188,13 +187,7 @@ def run_plans_bench(
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": _machine(),
     }
-    if print_table:
-        print(format_plans_table(result), flush=True)
-    if output:
-        path = Path(output)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return emit(result, output, format_plans_table, print_table)
 
 
 def format_plans_table(result: dict) -> str:

@@ -1,4 +1,4 @@
-"""Benchmark workloads (DESIGN.md §7) and their synthetic batches.
+"""Benchmark workloads (docs/design.md §7) and their synthetic batches.
 
 Every contender trains on the same batches: they are generated once per process from a fixed
 seed (bitwise identical in every process) and converted to each contender's input format
@@ -30,7 +30,7 @@ class Workload:
         sequential (bool): run the contenders one after another, freeing each before building the
             next (tables too large for all contenders to live in one process at once), instead of
             interleaving their timed steps.
-        scale (float): factor applied to the DESIGN.md §7 vocabulary sizes (1.0 = as specified).
+        scale (float): factor applied to the docs/design.md §7 vocabulary sizes (1.0 = as specified).
         max_bag (int): longest multi-hot bag (ids per sample of a multi-hot feature).
         mean_bag (float): mean multi-hot bag length (``1 + Poisson(mean_bag - 1)``, clipped to ``max_bag``).
     """

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from checkpoint_state import full_state
 from multirank import run_ranks
 
 CPU = torch.device("cpu")
@@ -214,22 +215,8 @@ def default_plan_runs(tmp_path_factory) -> dict:
     return {"root": root, "data": data, "ck2": ck2 / "step_00000006", "ck1": ck1 / "step_00000005"}
 
 
-def _full_state(path: Path, tmp: Path) -> dict:
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    out = tmp / f"{path.parent.name}_{path.name}.pt"
-    dcp_to_torch_save(path, out)
-    flat: dict = {}
-
-    def walk(d, prefix):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}.")
-            else:
-                flat[prefix + k] = v
-
-    walk(torch.load(out, weights_only=False), "")
-    return flat
+def _full_state(path: Path, tmp: Path) -> dict[str, object]:
+    return full_state(path, tmp)
 
 
 @pytest.mark.multirank

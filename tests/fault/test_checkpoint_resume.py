@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from checkpoint_state import full_state
 from multirank import run_ranks
 
 BATCH = 64
@@ -90,22 +91,7 @@ def _load_predict_resave(data: str, src: str, sharding: str, resave: str) -> lis
 
 
 def _full_state(path: Path, tmp: Path) -> dict[str, object]:
-    """Every tensor of a DCP checkpoint, unsharded (single process, no process group)."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    out = tmp / f"{path.parent.name}_{path.name}.pt"
-    dcp_to_torch_save(path, out)
-    flat: dict[str, object] = {}
-
-    def walk(d, prefix):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}.")
-            else:
-                flat[prefix + k] = v
-
-    walk(torch.load(out, weights_only=False), "")
-    return flat
+    return full_state(path, tmp)
 
 
 def _assert_same_state(a: dict, b: dict) -> None:
