@@ -383,10 +383,9 @@ def _train_entry(cfg_dict: dict, debug: bool = False) -> None:
         sys.exit(143)
     except (SchemaError, CheckpointError, NonFiniteLossError, LockError, ShardingPlanError) as e:
         # Errors of ours: one line per failing rank, the traceback to OUT/logs (or the screen with --debug).
-        kind = {SchemaError: "data error", CheckpointError: "checkpoint error",
-                ShardingPlanError: "sharding error"}.get(next((c for c in (SchemaError, CheckpointError,
-                                                                           ShardingPlanError) if isinstance(e, c)),
-                                                          None), "error")
+        kinds = ((SchemaError, "data error"), (CheckpointError, "checkpoint error"),
+                 (ShardingPlanError, "sharding error"))
+        kind = next((name for cls, name in kinds if isinstance(e, cls)), "error")
         line = f"recsys-mtl train: {kind} on rank {rank}: " + " ".join(str(e).split())
         if debug:
             raise
@@ -421,14 +420,9 @@ def _check_writable(flag: str, directory: Path) -> None:
 
 def _check_unlocked(flag: str, directory: Path) -> None:
     """Refuses, before any rank starts, a directory that a running job has locked."""
-    from recsys_mtl.train.locks import DirLock, LockError
+    from recsys_mtl.train.locks import DirLock
 
-    lock = DirLock(directory, flag)
-    info = lock.holder()
-    if info is not None and not lock.stale(info):
-        raise LockError(f"{flag} {directory} is in use by another run: pid {info.get('pid')} on host "
-                        f"{info.get('host')} since {info.get('started')} (lock {lock.path}). Use another "
-                        f"directory, or delete the lock file once that job is known to be gone")
+    DirLock(directory, flag).check_free()
 
 
 def _inside_launcher() -> bool:

@@ -9,8 +9,6 @@ constraints (:func:`constraints_for`).
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import re
 import warnings
 from typing import Sequence
@@ -39,6 +37,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from recsys_mtl.config import OptimConfig, ShardingConfig
 from recsys_mtl.distributed.hardware import host_memory_bytes
+from recsys_mtl.distributed.noise import quiet_known_noise
 
 SHARDING_TYPE_VALUES = {
     "table_wise": ShardingType.TABLE_WISE.value,
@@ -291,29 +290,6 @@ class _HostMemoryReservation(HeuristicalStorageReservation):
         return reserved
 
 
-class _DropDataParallelNotices(logging.Filter):
-    """TorchRec logs a warning per data-parallel table when planning ("Sharding spec not found":
-    they have none) and when sharding ("caching params will be ignored": they have none)."""
-
-    NOTICES = ("Sharding spec not found", "Sharding Type is data_parallel, caching params will be ignored")
-    LOGGERS = ("", "torchrec.distributed.utils")  # where TorchRec logs them
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.NOTICES)
-
-    @classmethod
-    @contextlib.contextmanager
-    def installed(cls):
-        f = cls()
-        for name in cls.LOGGERS:
-            logging.getLogger(name).addFilter(f)
-        try:
-            yield
-        finally:
-            for name in cls.LOGGERS:
-                logging.getLogger(name).removeFilter(f)
-
-
 def plan_sharding(
     model: nn.Module,
     sharders: Sequence[EmbeddingBagCollectionSharder],
@@ -331,6 +307,7 @@ def plan_sharding(
         ShardingPlanError: on every rank, when the planner finds no plan that fits; it names
             the tables' size, the memory per rank and the flags that change them.
     """
+    quiet_known_noise()  # TorchRec's per-data-parallel-table notices (see distributed/noise.py)
     topology = make_topology(sharding, world_size=world_size, local_world_size=local_world_size, device=device)
     with warnings.catch_warnings():  # TorchRec's default policy; we pass the dense estimate it asks for
         warnings.filterwarnings("ignore", "HeuristicalStorageReservation", FutureWarning)
@@ -348,14 +325,13 @@ def plan_sharding(
     failure: list[BaseException] = []
 
     def run() -> ShardingPlan | tuple[str, str]:
-        with _DropDataParallelNotices.installed():
-            try:
-                return planner.plan(model, list(sharders))
-            except PlannerError as e:
-                return "refused", _refusal(e, model, sharding, topology, batch_size)
-            except Exception as e:  # a bug, not a refusal: re-raised here, reported to the other ranks
-                failure.append(e)
-                return "failed", f"planning failed on rank 0: {type(e).__name__}: {e}"
+        try:
+            return planner.plan(model, list(sharders))
+        except PlannerError as e:
+            return "refused", _refusal(e, model, sharding, topology, batch_size)
+        except Exception as e:  # a bug, not a refusal: re-raised here, reported to the other ranks
+            failure.append(e)
+            return "failed", f"planning failed on rank 0: {type(e).__name__}: {e}"
 
     if pg is None and dist.is_initialized():
         pg = dist.GroupMember.WORLD
@@ -396,14 +372,13 @@ def shard_model(
         device=device, batch_size=batch_size, pg=pg,
     )
     pg = pg or dist.GroupMember.WORLD
-    with _DropDataParallelNotices.installed():
-        dmp = DistributedModelParallel(
-            module=model,
-            device=device,
-            env=ShardingEnv.from_process_group(pg),
-            plan=plan,
-            sharders=list(sharders),
-        )
+    dmp = DistributedModelParallel(
+        module=model,
+        device=device,
+        env=ShardingEnv.from_process_group(pg),
+        plan=plan,
+        sharders=list(sharders),
+    )
     return dmp, plan
 
 

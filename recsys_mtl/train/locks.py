@@ -71,6 +71,19 @@ class DirLock:
         """Whether a lock recorded as ``info`` belongs to a process of this host that has exited."""
         return info is not None and info.get("host") == socket.gethostname() and not _alive(int(info.get("pid", -1)))
 
+    def _busy(self, info: dict) -> LockError:
+        return LockError(
+            f"{self.what} {self.directory} is in use by another run: pid {info.get('pid')} on host "
+            f"{info.get('host')} since {info.get('started')} (lock {self.path}). Use another directory, "
+            f"or delete the lock file once that job is known to be gone"
+        )
+
+    def check_free(self) -> None:
+        """Raises :class:`LockError` if a live process holds the lock (without taking it)."""
+        info = self.holder()
+        if info is not None and not self.stale(info):
+            raise self._busy(info)
+
     def acquire(self) -> "DirLock":
         self.directory.mkdir(parents=True, exist_ok=True)
         me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -86,11 +99,7 @@ class DirLock:
                 if info.get("host") == me["host"] and int(info.get("pid", -1)) == me["pid"]:
                     self.held = True  # this process already holds it
                     return self
-                raise LockError(
-                    f"{self.what} {self.directory} is in use by another run: pid {info.get('pid')} on host "
-                    f"{info.get('host')} since {info.get('started')} (lock {self.path}). Use another directory, "
-                    f"or delete the lock file once that job is known to be gone"
-                ) from None
+                raise self._busy(info) from None
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
             self.held = True
