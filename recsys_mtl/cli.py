@@ -12,7 +12,9 @@ import uuid
 from pathlib import Path
 
 from recsys_mtl.config import (
+    BEST_METRICS,
     DENSE_OPTIMIZERS,
+    LR_SCHEDULES,
     MODEL_NAMES,
     PRESETS,
     SPARSE_OPTIMIZERS,
@@ -262,6 +264,18 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--dense-optimizer", choices=DENSE_OPTIMIZERS, default=None)
     g.add_argument("--dense-lr", type=float, default=None)
     g.add_argument("--grad-clip-norm", type=float, default=None)
+    g.add_argument("--lr-warmup-steps", type=int, default=None, metavar="N",
+                   help="linear learning-rate warm-up over the first N optimizer steps (both optimizers)")
+    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=None,
+                   help="after the warm-up: constant, or linear decay to lr x --lr-min-ratio at the last step")
+    g.add_argument("--lr-min-ratio", type=float, default=None, metavar="R",
+                   help="final learning rate of --lr-schedule linear, as a fraction of the learning rate")
+    g = p.add_argument_group("model selection")
+    g.add_argument("--keep-best", default=None, metavar="[TASK/]METRIC",
+                   help="keep the best evaluated model in OUTPUT/best_model by this metric (click/auc, or auc: "
+                        f"the mean over tasks; one of {', '.join(BEST_METRICS)}); needs --eval-every")
+    g.add_argument("--early-stop-patience", type=int, default=None, metavar="EVALS",
+                   help="stop when the --keep-best metric has not improved for this many evaluations")
     g = p.add_argument_group("loss (PLE joint loss: sample spaces always on)")
     g.add_argument("--task-weight", action="append", default=[], metavar="TASK=W",
                    help="initial loss weight w_k0 of a task (default 1); repeatable")
@@ -295,10 +309,11 @@ _MODEL_FLAGS = ("embedding_dim", "expert_layer_sizes", "tower_layer_sizes", "bot
                 "gate_layer_sizes", "num_experts", "num_task_experts", "num_shared_experts", "num_levels",
                 "stem_gate_input", "stem_specific_fields", "asymmetric_fusion", "cross_stitch_self_weight",
                 "sluice_num_subspaces")
-_OPTIM_FLAGS = ("sparse_optimizer", "sparse_lr", "dense_optimizer", "dense_lr", "grad_clip_norm")
+_OPTIM_FLAGS = ("sparse_optimizer", "sparse_lr", "dense_optimizer", "dense_lr", "grad_clip_norm", "lr_warmup_steps",
+                "lr_schedule", "lr_min_ratio")
 _TRAIN_FLAGS = ("epochs", "steps", "batch_size", "eval_every", "log_every", "seed", "shuffle_block_rows", "shuffle_buffer_rows",
                 "num_workers", "pipeline", "checkpoint_dir",
-                "checkpoint_every_steps", "checkpoint_every_minutes", "keep_last")
+                "checkpoint_every_steps", "checkpoint_every_minutes", "keep_last", "keep_best", "early_stop_patience")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -32,11 +32,15 @@ def _positive_int(x: Any) -> bool:
 MODEL_NAMES: tuple[str, ...] = (
     "single_task", "shared_bottom", "omoe", "mmoe", "cgc", "ple", "stem", "ml_mmoe", "esmm", "aitm", "me_mmoe",
     "me_ple", "asymmetric_sharing", "customized_sharing", "cross_stitch", "sluice",
+    "ml_csrec",
 )
 SPARSE_OPTIMIZERS: tuple[str, ...] = ("sgd", "adagrad", "rowwise_adagrad", "adam", "partial_rowwise_adam", "lamb")
 DENSE_OPTIMIZERS: tuple[str, ...] = ("adam", "adagrad", "sgd")
 SHARDING_TYPES: tuple[str, ...] = ("table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel")
 STEM_SPECIFIC_FIELDS = ("all", "user", "item", "none")
+LR_SCHEDULES: tuple[str, ...] = ("constant", "linear")
+# keep_best metrics and whether larger is better; "TASK/METRIC" or the mean over tasks "METRIC".
+BEST_METRICS: dict[str, bool] = {"auc": True, "logloss": False, "ne": False, "mse": False}
 
 
 @dataclass(frozen=True)
@@ -144,6 +148,11 @@ class OptimConfig:
         dense_optimizer: ``adam``, ``adagrad`` or ``sgd`` (also steps data-parallel tables).
         dense_lr: its learning rate.
         grad_clip_norm: clip the dense gradients' global norm (None: no clipping).
+        lr_warmup_steps: linear learning-rate warm-up from ``lr / N`` to ``lr`` over the first N
+            optimizer steps, for both optimizers (0: none).
+        lr_schedule: after the warm-up, ``constant`` or ``linear`` decay to ``lr * lr_min_ratio``
+            at the run's last step.
+        lr_min_ratio: the ``linear`` schedule's final learning rate as a fraction of ``lr``.
     """
 
     sparse_optimizer: str = "rowwise_adagrad"
@@ -151,6 +160,9 @@ class OptimConfig:
     dense_optimizer: str = "adam"
     dense_lr: float = 1e-3
     grad_clip_norm: float | None = None
+    lr_warmup_steps: int = 0
+    lr_schedule: str = "constant"
+    lr_min_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         _require(self.sparse_optimizer in SPARSE_OPTIMIZERS, "optim.sparse_optimizer",
@@ -162,6 +174,12 @@ class OptimConfig:
             _require(_finite(v) and v >= 0, f"optim.{name}", "a finite number >= 0", v)
         _require(self.grad_clip_norm is None or (_finite(self.grad_clip_norm) and self.grad_clip_norm > 0),
                  "optim.grad_clip_norm", "a finite number > 0 (or unset: no clipping)", self.grad_clip_norm)
+        _require(isinstance(self.lr_warmup_steps, int) and not isinstance(self.lr_warmup_steps, bool)
+                 and self.lr_warmup_steps >= 0, "optim.lr_warmup_steps", "an integer >= 0", self.lr_warmup_steps)
+        _require(self.lr_schedule in LR_SCHEDULES, "optim.lr_schedule", f"one of {', '.join(LR_SCHEDULES)}",
+                 self.lr_schedule)
+        _require(_finite(self.lr_min_ratio) and 0 <= self.lr_min_ratio <= 1, "optim.lr_min_ratio",
+                 "a number in [0, 1]", self.lr_min_ratio)
 
 
 @dataclass(frozen=True)
@@ -224,6 +242,12 @@ class TrainConfig:
         resume_with_new_settings: resume a checkpoint whose run settings (steps, epochs, seed,
             shuffle, learning rates, clipping) differ from this config, continuing with the new
             ones; without it such a resume is refused, naming the differences.
+        keep_best: keep the model of the best evaluation so far in ``OUTPUT/best_model`` (a DCP
+            checkpoint like ``final_model``), by ``TASK/METRIC`` (``click/auc``) or ``METRIC``
+            (the mean over tasks); metrics: auc, gauc (larger is better), logloss, ne, mse
+            (smaller). Needs ``eval_every``.
+        early_stop_patience: stop when ``keep_best``'s metric has not improved for this many
+            evaluations in a row (None: never).
     """
 
     data: str
@@ -245,6 +269,8 @@ class TrainConfig:
     checkpoint_every_minutes: float | None = None
     keep_last: int = 3
     resume_with_new_settings: bool = False
+    keep_best: str | None = None
+    early_stop_patience: int | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -269,6 +295,16 @@ class TrainConfig:
                  or (_finite(self.checkpoint_every_minutes) and self.checkpoint_every_minutes > 0),
                  "checkpoint_every_minutes", "a finite number > 0", self.checkpoint_every_minutes)
         _require(_positive_int(self.keep_last), "keep_last", "a positive integer", self.keep_last)
+        if self.keep_best is not None:
+            metric = self.keep_best.rpartition("/")[2]
+            _require(isinstance(self.keep_best, str) and metric in BEST_METRICS, "keep_best",
+                     f"TASK/METRIC or METRIC with METRIC one of {', '.join(BEST_METRICS)}", self.keep_best)
+            _require(self.eval_every > 0, "eval_every", "> 0 with --keep-best (the best is chosen at evaluations)",
+                     self.eval_every)
+        _require(self.early_stop_patience is None or _positive_int(self.early_stop_patience),
+                 "early_stop_patience", "a positive integer", self.early_stop_patience)
+        _require(self.early_stop_patience is None or self.keep_best is not None, "keep_best",
+                 "set with --early-stop-patience (the metric that must improve)", self.keep_best)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

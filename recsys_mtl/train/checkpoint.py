@@ -399,8 +399,10 @@ class Checkpointer:
         meta = CheckpointMeta.read(path)
         notes = check_compatible(meta, path, self.run_info, self.plan, self.world_size)
         dense = _dense_optimizer(optimizer)
-        if dense is not None and len(dense.state) == 0:
-            dense.init_state()  # lazy Adam state must exist, or DCP has nothing to load it into
+        # Lazy Adam state must exist, or DCP has nothing to load it into (a learning-rate
+        # schedule's counter is in the state from the start: it does not count).
+        if dense is not None and any(p not in dense.state for k, p in dense.params.items() if not k.startswith("__")):
+            dense.init_state()
             for p in dense.params.values():  # init_state leaves zero grads behind
                 p.grad = None
         state = self._app_state(model, optimizer)

@@ -29,7 +29,7 @@ from torchrec.distributed.train_pipeline import TrainPipelineBase, TrainPipeline
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys_mtl.config import TrainConfig
-from recsys_mtl.data.reader import DataError, count_rows, make_dataloader
+from recsys_mtl.data.reader import DataError, count_rows, make_dataloader, steps_per_epoch
 from recsys_mtl.data.schema import Schema
 from recsys_mtl.distributed.env import DistEnv, control_group, init_distributed
 from recsys_mtl.distributed.optim import make_optimizer
@@ -37,6 +37,7 @@ from recsys_mtl.distributed.sharding import plan_summary, shard_model
 from recsys_mtl.analysis import GateRecorder
 from recsys_mtl.metrics import MTLMetrics, format_table
 from recsys_mtl.models import build_model
+from recsys_mtl.train.best import BEST_MODEL_DIR, BestTracker, check_spec
 from recsys_mtl.train.eval_outputs import EvalCollector, write_eval_outputs
 from recsys_mtl.train.checkpoint import Checkpointer, TrainPosition, checkpoint_run_info
 from recsys_mtl.train.locks import DirLock, LockError
@@ -281,7 +282,10 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step: Callable[[int, torch.Tensor]
         print(f"sharding plan ({env.world_size} ranks): "
               + ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items())) + f" tables; per table in "
               f"{out_dir / 'sharding_plan.txt'}", flush=True)
-    optimizer = make_optimizer(dmp, cfg.optim)
+    # Optimizer steps of the whole run (a decaying learning-rate schedule ends there).
+    total_steps = cfg.steps or cfg.epochs * steps_per_epoch(count_rows(cfg.data, "train"), env.world_size,
+                                                             cfg.batch_size)
+    optimizer = make_optimizer(dmp, cfg.optim, total_steps)
 
     # Checkpoint: resume from the newest valid one, if any.
     checkpointer = make_checkpointer(cfg, env, schema, plan) if cfg.checkpoint_dir else None
@@ -299,6 +303,14 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step: Callable[[int, torch.Tensor]
     # Fail before the compute: the eval split's values are checked now, not after the last step.
     validate_split(cfg, schema, env, "eval")
     guard = FiniteLossGuard(env.device)
+    best = None
+    if cfg.keep_best is not None:
+        check_spec(cfg.keep_best, schema.task_names)
+        best = BestTracker(cfg.keep_best, cfg.early_stop_patience)
+        best.replay(position.history)
+        if env.is_main and position.step == 0:  # a fresh run: no earlier run's best model may linger
+            shutil.rmtree(out_dir / BEST_MODEL_DIR, ignore_errors=True)
+    early_stopped = None
 
     steps, samples, train_time = position.step, 0, 0.0
     history: list[dict] = position.history
@@ -362,6 +374,18 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step: Callable[[int, torch.Tensor]
             if cfg.eval_every and steps % cfg.eval_every == 0:
                 train_time += time.perf_counter() - t0
                 history.append({"step": steps, "tasks": _eval_detached(pipeline, dmp, cfg, schema, env)})
+                if best is not None:
+                    improved, stop = best.decide(steps, history[-1]["tasks"], env.is_main, group)
+                    if improved:
+                        _save_model(cfg, env, schema, plan, out_dir / BEST_MODEL_DIR, dmp, optimizer,
+                                    at(epoch, epoch_batches, epoch_rows))
+                    if stop:
+                        early_stopped = steps
+                        if env.is_main:
+                            bar.write(f"early stop at step {steps}: {cfg.keep_best} has not improved for "
+                                      f"{cfg.early_stop_patience} evaluations (best {best.best_value:.6g} at "
+                                      f"step {best.best_step})")
+                        break
                 t0 = time.perf_counter()
             if checkpointer is not None and checkpointer.due(steps):
                 guard.check()  # never save a model that has seen a non-finite loss
@@ -382,7 +406,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step: Callable[[int, torch.Tensor]
                 + (f"checkpoint {saved} saved: rerun the same command to resume" if saved is not None
                    else "no --checkpoint-dir, so nothing was saved")
             )
-        if epoch_batches < epoch_steps:  # stopped by --steps inside the epoch
+        if epoch_batches < epoch_steps or early_stopped is not None:  # --steps or early stop
             break
         if env.is_main:
             bar.write(f"epoch {epoch}: {rows_seen[epoch]:,} training rows ({epoch_steps} steps x "
@@ -395,10 +419,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step: Callable[[int, torch.Tensor]
         checkpointer.save(dmp, optimizer, position)
     # The final model always lands under the output directory, as a DCP checkpoint that
     # Checkpointer.latest()/load() (and so a later predict or export) can read, on any plan.
-    final_model = make_checkpointer(dataclasses.replace(cfg, checkpoint_dir=str(out_dir / FINAL_MODEL_DIR),
-                                                        checkpoint_every_steps=None, checkpoint_every_minutes=None,
-                                                        keep_last=1), env, schema, plan)
-    final_model.save(dmp, optimizer, position)
+    _save_model(cfg, env, schema, plan, out_dir / FINAL_MODEL_DIR, dmp, optimizer, position)
 
     collector = EvalCollector(schema) if cfg.eval_outputs else None
     final = _eval_detached(pipeline, dmp, cfg, schema, env, collector)
@@ -418,6 +439,8 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step: Callable[[int, torch.Tensor]
         "history": history,
         "train_log": train_log,
         "final_model": str(out_dir / FINAL_MODEL_DIR),
+        "best": None if best is None else {**best.summary(), "path": str(out_dir / BEST_MODEL_DIR)},
+        "early_stopped_at": early_stopped,
         "config": cfg.to_dict(),
     }
     if env.is_main:
@@ -573,6 +596,15 @@ def make_checkpointer(cfg: TrainConfig, env: DistEnv, schema: Schema, plan) -> C
         plan_summary=plan_summary(plan), keep_last=cfg.keep_last, every_steps=cfg.checkpoint_every_steps,
         every_minutes=cfg.checkpoint_every_minutes,
     )
+
+
+def _save_model(cfg: TrainConfig, env: DistEnv, schema: Schema, plan, directory: Path, dmp: nn.Module,
+                optimizer, position: TrainPosition) -> None:
+    """Saves the model as the only checkpoint in ``directory`` (``final_model``, ``best_model``):
+    a DCP checkpoint that ``Checkpointer.latest()``/``load()`` read on any plan (a collective)."""
+    saver = make_checkpointer(dataclasses.replace(cfg, checkpoint_dir=str(directory), checkpoint_every_steps=None,
+                                                  checkpoint_every_minutes=None, keep_last=1), env, schema, plan)
+    saver.save(dmp, optimizer, position)
 
 
 def _eval_detached(pipeline, dmp: nn.Module, cfg: TrainConfig, schema: Schema, env: DistEnv,

@@ -3,7 +3,8 @@ checks that refuse corrupt checkpoints or ones written for another dataset schem
 
 One module-scoped run trains three times in the same 2 rank processes:
   A: 14 steps uninterrupted (checkpoints every 4 steps and at the end; the "like" loss weight
-     decays per epoch, so the loss-weight schedule must be restored too),
+     decays per epoch and the learning rates warm up over 12 steps, so both schedules must be
+     restored too),
   B: the same job stopped after 9 steps (mid-epoch: an epoch is 6 steps per rank, the sixth
      40 rows + 24 padding rows),
   C: B's job restarted with the 14-step budget, resuming from B's step-9 checkpoint.
@@ -34,7 +35,8 @@ def _cfg(data: str, out: str, **kw):
         model=ModelConfig(name="mmoe", embedding_dim=8, expert_layer_sizes=(16,), tower_layer_sizes=(8,),
                           num_experts=2),
         sharding=ShardingConfig(sharding_type="row_wise"),
-        optim=OptimConfig(dense_lr=1e-2, grad_clip_norm=1.0),
+        # The learning-rate warm-up spans B's stop at step 9: C must resume its position too.
+        optim=OptimConfig(dense_lr=1e-2, grad_clip_norm=1.0, lr_warmup_steps=12),
         checkpoint_every_steps=4, keep_last=10,
         loss=LossConfig(task_weight_decay={"like": 0.5}),  # PLE Eq. 10: like's weight halves every epoch
     )
