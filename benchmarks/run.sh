@@ -3,12 +3,13 @@
 #   bash benchmarks/run.sh w1 [OUT.json]   # PLE vs plain PyTorch vs torch-rechub
 #   bash benchmarks/run.sh w2 [OUT.json]   # STEM-Net vs plain PyTorch (~12 GiB for the peer)
 #   bash benchmarks/run.sh plans [OUT.json] # default sharding plan vs each sharding type, 2 gloo ranks
+#   bash benchmarks/run.sh masked-matmul [OUT.json] # fused masked linear + CSRec step vs naive masking
 #                                             (WIDE_ROWS=N: 3 of its 32 tables get N rows)
 # Needs the bench extra (installed by scripts/setup.sh). With 2 cores, any other process turns the
 # 2-thread OpenMP regions into many-fold slowdowns, so it first waits for idle CPUs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-WORKLOAD="${1:?usage: benchmarks/run.sh w1|w2|plans [OUT.json]}"
+WORKLOAD="${1:?usage: benchmarks/run.sh w1|w2|plans|masked-matmul [OUT.json]}"
 OUT="${2:-benchmarks/results/$WORKLOAD.json}"
 STEPS="${STEPS:-40}"
 WARMUP="${WARMUP:-5}"
@@ -28,6 +29,10 @@ if [ "$WORKLOAD" = w2 ]; then
     if [ "$avail_gb" -lt 14 ]; then
         echo "warning: only ${avail_gb} GiB available; the plain PyTorch peer needs ~12 GiB" >&2
     fi
+fi
+if [ "$WORKLOAD" = masked-matmul ]; then  # the fused masked linear op and a CSRec step vs the naive ones
+    .venv/bin/recsys-mtl bench masked-matmul --output "$OUT" --steps "${STEPS}" --warmup "$WARMUP"
+    exit 0
 fi
 if [ "$WORKLOAD" = plans ]; then  # no peers: the default sharding plan vs each sharding type, 2 ranks
     .venv/bin/recsys-mtl bench plans --output "$OUT" --steps "$STEPS" --warmup "$WARMUP" \

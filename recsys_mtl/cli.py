@@ -13,6 +13,9 @@ from pathlib import Path
 
 from recsys_mtl.config import (
     BEST_METRICS,
+    CSREC_CONTRASTIVE,
+    CSREC_MODES,
+    CSREC_TASK_TERMS,
     DENSE_OPTIMIZERS,
     LR_SCHEDULES,
     MODEL_NAMES,
@@ -64,7 +67,8 @@ def _config_defaults(parser: argparse.ArgumentParser) -> None:
     default None) into its help, so ``--help`` shows what a run really uses."""
     train = TrainConfig(data="", output_dir="")
     sources = {**{k: getattr(train.model, k) for k in _MODEL_FLAGS}, **{k: getattr(train.optim, k) for k in _OPTIM_FLAGS},
-               **{k: getattr(train, k) for k in _TRAIN_FLAGS}, "model": train.model.name}
+               **{k: getattr(train, k) for k in _TRAIN_FLAGS}, "model": train.model.name,
+               **{"csrec_" + k: getattr(train.csrec, k) for k in _CSREC_FLAGS}}
     for action in parser._actions:
         if action.default is None and sources.get(action.dest) is not None and "default" not in (action.help or ""):
             value = sources[action.dest]
@@ -301,6 +305,30 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--cross-stitch-self-weight", type=float, default=None,
                    help="cross_stitch/sluice: initial diagonal of the alpha mixing matrices")
     g.add_argument("--sluice-num-subspaces", type=int, default=None, help="sluice: subspaces per layer")
+    g = p.add_argument_group("masked sharing (sparse_sharing, csrec, ml_csrec): warm-up, pruning, multi-task phase")
+    g.add_argument("--csrec-warmup-steps", type=int, default=None, metavar="N",
+                   help="joint training of the dense shared bottom first")
+    g.add_argument("--csrec-prune-round-steps", type=int, default=None, metavar="N",
+                   help="training steps of one pruning round of one task (from the warm-up weights)")
+    g.add_argument("--csrec-prune-rate", type=float, default=None, metavar="ALPHA",
+                   help="fraction of each layer's surviving weights pruned by magnitude per round")
+    g.add_argument("--csrec-min-sparsity", type=float, default=None, metavar="EPS",
+                   help="a kept mask has at least this fraction of zeros")
+    g.add_argument("--csrec-prune-rounds", type=int, default=None, metavar="R",
+                   help="rounds per task (default: the rounds that reach --csrec-min-sparsity, plus one)")
+    g.add_argument("--csrec-contrastive", choices=CSREC_CONTRASTIVE, default=None,
+                   help="csrec: how contrastive masks are drawn from a task's mask")
+    g.add_argument("--csrec-reverse-ratio", type=float, default=None, metavar="P",
+                   help="csrec: probability a candidate weight of the mask is reversed")
+    g.add_argument("--csrec-no-contrastive", action="store_true",
+                   help="csrec: no contrastive term (the CSRec(AT) ablation)")
+    g.add_argument("--csrec-mode", choices=CSREC_MODES, default=None,
+                   help="csrec: reference = the paper's alternating per-task steps; fused = all tasks' masked "
+                        "gradients in one step, all subnets of a layer in one op (also the CSRec(CL) ablation)")
+    g.add_argument("--csrec-task-term", choices=CSREC_TASK_TERMS, default=None,
+                   help="csrec: the task-mask term of Eq. 6: loss_r = sigmoid(ln loss) (as written) or loss")
+    g.add_argument("--csrec-analysis-every", type=int, default=None, metavar="N",
+                   help="record the sharing and conflict ratios every N steps")
     _config_defaults(p)
     p.set_defaults(func=_cmd_train)
 
@@ -309,6 +337,8 @@ _MODEL_FLAGS = ("embedding_dim", "expert_layer_sizes", "tower_layer_sizes", "bot
                 "gate_layer_sizes", "num_experts", "num_task_experts", "num_shared_experts", "num_levels",
                 "stem_gate_input", "stem_specific_fields", "asymmetric_fusion", "cross_stitch_self_weight",
                 "sluice_num_subspaces")
+_CSREC_FLAGS = ("warmup_steps", "prune_round_steps", "prune_rate", "min_sparsity", "prune_rounds", "contrastive",
+                "reverse_ratio", "mode", "task_term", "analysis_every")
 _OPTIM_FLAGS = ("sparse_optimizer", "sparse_lr", "dense_optimizer", "dense_lr", "grad_clip_norm", "lr_warmup_steps",
                 "lr_schedule", "lr_min_ratio")
 _TRAIN_FLAGS = ("epochs", "steps", "batch_size", "eval_every", "log_every", "seed", "shuffle_block_rows", "shuffle_buffer_rows",
@@ -338,6 +368,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         train_kw["shuffle"] = False
     if args.resume_with_new_settings:
         train_kw["resume_with_new_settings"] = True
+    csrec_kw = {k: getattr(args, "csrec_" + k) for k in _CSREC_FLAGS if getattr(args, "csrec_" + k) is not None}
+    if args.csrec_no_contrastive:
+        csrec_kw["contrastive_loss"] = False
     per_table = dict(cfg.sharding.per_table)
     for item in args.table_sharding:
         if "=" not in item:
@@ -362,6 +395,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         optim=dataclasses.replace(cfg.optim, **optim_kw),
         sharding=sharding,
         loss=loss,
+        csrec=dataclasses.replace(cfg.csrec, **csrec_kw),
         **train_kw,
     )
 
@@ -550,7 +584,8 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
                     "'--' are `recsys-mtl train` flags applied to every run, e.g. -- --epochs 2 --batch-size 512.",
     )
     p.add_argument("--data", required=True)
-    p.add_argument("--models", required=True, help="comma-separated model names")
+    p.add_argument("--models", required=True,
+                   help="comma-separated model names, and the ablations csrec_at (CSRec(AT)) and csrec_cl (CSRec(CL))")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..K-1 per model")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--nproc-per-node", type=int, default=None, help="start this many local ranks")
@@ -568,10 +603,12 @@ def _compare_entry(payload: dict) -> None:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = [m for m in models if m not in MODEL_NAMES]
+    from recsys_mtl.compare import VARIANTS
+
+    unknown = [m for m in models if m not in MODEL_NAMES and m not in VARIANTS]
     if unknown:
-        print(f"recsys-mtl compare: error: unknown models {unknown}; choose from {', '.join(MODEL_NAMES)}",
-              file=sys.stderr)
+        print(f"recsys-mtl compare: error: unknown models {unknown}; choose from {', '.join(MODEL_NAMES)} "
+              f"or the ablations {', '.join(VARIANTS)}", file=sys.stderr)
         return 2
     if args.seeds <= 0:
         print(f"recsys-mtl compare: error: --seeds must be a positive integer, got {args.seeds}", file=sys.stderr)
@@ -614,9 +651,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="training throughput on a docs/design.md §7 workload, optionally vs peers",
                        formatter_class=_HelpFormatter)
-    p.add_argument("workload", choices=["w1", "w2", "plans"],
+    p.add_argument("workload", choices=["w1", "w2", "plans", "masked-matmul"],
                    help="w1, w2: vs peers; plans: the default sharding plan vs every sharding type on 32 small "
-                        "Census-Income tables, PLE, 2 local gloo ranks")
+                        "Census-Income tables, PLE, 2 local gloo ranks; masked-matmul: the fused masked linear "
+                        "op vs per-subnet dense masking, one layer fwd+bwd (JSON to "
+                        "benchmarks/results/masked_matmul.json unless --output)")
     p.add_argument("--peers", action="store_true",
                    help="also run the peers: plain PyTorch and torch-rechub (w1), plain PyTorch only "
                         "(w2: torch-rechub has no STEM-Net); plans has no peers")
@@ -630,6 +669,17 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.workload == "masked-matmul":
+        from recsys_mtl.bench.masked_matmul import BATCH_SIZES, DEFAULT_OUTPUT, run_masked_matmul_bench
+
+        try:
+            sizes = (args.batch_size,) if args.batch_size else BATCH_SIZES
+            run_masked_matmul_bench(batch_sizes=sizes, step_batch_sizes=sizes, steps=args.steps, warmup=args.warmup,
+                                    output=args.output or DEFAULT_OUTPUT)
+        except ValueError as e:
+            print(f"recsys-mtl bench: error: {e}", file=sys.stderr)
+            return 2
+        return 0
     if args.workload == "plans":
         from recsys_mtl.bench.plans import BATCH_SIZE, run_plans_bench
 

@@ -23,6 +23,19 @@ from recsys_mtl.data.schema import Schema
 
 BASELINE = "single_task"
 
+# Ablations run by name beside the models (CSRec Fig. 4): label -> (model, its csrec settings).
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "csrec_at": ("csrec", {"contrastive_loss": False}),  # CSRec(AT): alternate training, no contrastive term
+    "csrec_cl": ("csrec", {"mode": "fused"}),  # CSRec(CL): contrastive term, tasks trained in parallel
+}
+
+
+def with_model(base: TrainConfig, label: str) -> TrainConfig:
+    """``base`` for the model or variant ``label`` (a :data:`VARIANTS` key or a model name)."""
+    name, csrec = VARIANTS.get(label, (label, {}))
+    return dataclasses.replace(base, model=dataclasses.replace(base.model, name=name),
+                               csrec=dataclasses.replace(base.csrec, **csrec))
+
 
 def count_parameters(schema: Schema, cfg: TrainConfig) -> int:
     """Parameters (embedding rows x dim + dense) of ``cfg.model``, counted on ``meta``."""
@@ -39,9 +52,8 @@ def run_configs(base: TrainConfig, models: Sequence[str], seeds: int) -> list[Tr
     ck = Path(base.checkpoint_dir) if base.checkpoint_dir else None
     return [
         dataclasses.replace(
-            base, seed=seed, output_dir=str(out / "runs" / m / f"seed{seed}"),
+            with_model(base, m), seed=seed, output_dir=str(out / "runs" / m / f"seed{seed}"),
             checkpoint_dir=str(ck / m / f"seed{seed}") if ck else None,
-            model=dataclasses.replace(base.model, name=m),
         )
         for m in models
         for seed in range(seeds)
@@ -54,18 +66,39 @@ def compare(base: TrainConfig, models: Sequence[str], seeds: int) -> list[dict] 
     from recsys_mtl.train.loop import train
 
     results = []
-    for cfg in run_configs(base, models, seeds):
+    for label, cfg in zip([m for m in models for _ in range(seeds)], run_configs(base, models, seeds)):
         metrics = train(cfg)
         if metrics is not None:
+            metrics["model"] = label  # the variant's name where it is one
             results.append(metrics)
     if not results:
         return None
     schema = Schema.load(base.data)
-    params = {m: count_parameters(schema, dataclasses.replace(base, model=dataclasses.replace(base.model, name=m)))
-              for m in models}
+    params = {m: count_parameters(schema, with_model(base, m)) for m in models}
     write_reports(Path(base.output_dir), results, schema, list(models), params)
     write_subset_analysis(Path(base.output_dir), schema, list(models))
+    write_mask_analysis(Path(base.output_dir), results)
     return results
+
+
+def write_mask_analysis(out: Path, results: list[dict]) -> Path | None:
+    """``OUT/mask_analysis.json``/``.png``: the masked-sharing runs of seed 0 side by side —
+    sharing and conflict ratios over training (CSRec Fig. 5), first-layer field occupation (Fig. 6),
+    subnet and union parameter counts. None when no masked-sharing model ran."""
+    from recsys_mtl.modules.masking import plot_masks_analysis
+
+    runs = {r["model"]: r["masked_sharing"] for r in results if "masked_sharing" in r and r["config"]["seed"] == 0}
+    if not runs:
+        return None
+    (out / "mask_analysis.json").write_text(json.dumps(runs, indent=1))
+    curves = {}
+    for label, log in runs.items():
+        rows = log.get("analysis", [])
+        curves[label] = {"step": [r["step"] for r in rows], "sharing_ratio": [r["sharing_ratio"] for r in rows]}
+        if rows and all(r["conflict_ratio"] is not None for r in rows):
+            curves[label]["conflict_ratio"] = [r["conflict_ratio"] for r in rows]
+    occupation = {label: log["masks"]["field_occupation"] for label, log in runs.items() if "masks" in log}
+    return plot_masks_analysis(out / "mask_analysis.png", curves, occupation, title="masked sharing (seed 0)")
 
 
 def _metric_of(task_kind: str) -> tuple[str, bool]:

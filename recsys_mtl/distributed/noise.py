@@ -19,6 +19,11 @@ _LOG_NOISE = (
     # caching parameters (the fused optimizer parameters are shared by all tables).
     ("torchrec.distributed.utils", "Sharding Type is data_parallel, caching params will be ignored"),
     ("torchrec.distributed.utils", "Compute Kernel is dense, caching params will be ignored"),
+    # torchrec/distributed/comm.py: the intra/cross-host process groups of table_row_wise tables;
+    # without TORCHREC_RESOLVED_POD_SIZE it uses LOCAL_WORLD_SIZE (what we want) and says so, then
+    # logs each group's peers at warning level.
+    ("torchrec.distributed.comm", "TORCHREC_RESOLVED_POD_SIZE not set"),
+    ("torchrec.distributed.comm", "[Connection] "),
     # torch/fx/_symbolic_trace.py: a one-time notice about an API split, raised inside
     # TrainPipelineSparseDist's tracing of the model.
     ("torch.fx._symbolic_trace", "is_fx_tracing will return true"),

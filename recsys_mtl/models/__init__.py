@@ -16,6 +16,7 @@ from recsys_mtl.config import MODEL_NAMES, ModelConfig
 from recsys_mtl.data.schema import Schema
 from recsys_mtl.models.aitm import AITM
 from recsys_mtl.models.cross_stitch import CrossStitch
+from recsys_mtl.models.csrec import CSRec, MLCSRec
 from recsys_mtl.models.esmm import ESMM
 from recsys_mtl.models.ml_mmoe import MLMMoE
 from recsys_mtl.models.mmoe import MMoE, OMoE
@@ -24,12 +25,13 @@ from recsys_mtl.models.ple import CGC, PLE
 from recsys_mtl.models.ple_sharing import AsymmetricSharing, CustomizedSharing
 from recsys_mtl.models.shared_bottom import SharedBottom, SingleTask
 from recsys_mtl.models.sluice import Sluice
+from recsys_mtl.models.sparse_sharing import SparseSharing
 from recsys_mtl.models.stem import STEMNet
 from recsys_mtl.modules.embeddings import build_ebc
 
 __all__ = ["MMoE", "OMoE", "CGC", "PLE", "SharedBottom", "SingleTask", "STEMNet", "MODELS", "build_model",
            "stem_specific_features", "MLMMoE", "ESMM", "AITM", "MEMMoE", "MEPLE", "AsymmetricSharing",
-           "CustomizedSharing", "CrossStitch", "Sluice"]
+           "CustomizedSharing", "CrossStitch", "Sluice", "SparseSharing", "CSRec", "MLCSRec"]
 
 
 def stem_specific_features(schema: Schema, spec: str) -> list[str]:
@@ -141,6 +143,21 @@ def _sluice(s: Schema, c: ModelConfig, dev: torch.device) -> nn.Module:
                   c.tower_layer_sizes, num_subspaces=c.sluice_num_subspaces, self_weight=c.cross_stitch_self_weight)
 
 
+def _sparse_sharing(s: Schema, c: ModelConfig, dev: torch.device) -> nn.Module:
+    return SparseSharing(build_ebc(s, c.embedding_dim, device=dev), len(s.dense), s.task_names,
+                         c.bottom_layer_sizes, c.tower_layer_sizes)
+
+
+def _csrec(s: Schema, c: ModelConfig, dev: torch.device) -> nn.Module:
+    return CSRec(build_ebc(s, c.embedding_dim, device=dev), len(s.dense), s.task_names, c.bottom_layer_sizes,
+                 c.tower_layer_sizes)
+
+
+def _ml_csrec(s: Schema, c: ModelConfig, dev: torch.device) -> nn.Module:
+    return MLCSRec(build_ebc(s, c.embedding_dim, device=dev), len(s.dense), s.task_names, c.num_levels,
+                   c.bottom_layer_sizes, c.tower_layer_sizes)
+
+
 MODELS: dict[str, Callable[[Schema, ModelConfig, torch.device], nn.Module]] = {
     "single_task": _single_task,
     "shared_bottom": _shared_bottom,
@@ -158,6 +175,9 @@ MODELS: dict[str, Callable[[Schema, ModelConfig, torch.device], nn.Module]] = {
     "customized_sharing": _customized_sharing,
     "cross_stitch": _cross_stitch,
     "sluice": _sluice,
+    "sparse_sharing": _sparse_sharing,
+    "csrec": _csrec,
+    "ml_csrec": _ml_csrec,
 }
 
 

@@ -50,6 +50,8 @@ from torch import nn
 from torchrec.distributed.types import ShardingPlan
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 
+from recsys_mtl.config import MASKED_SHARING_MODELS
+
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
 STEP_PREFIX = "step_"
@@ -72,6 +74,7 @@ class TrainPosition:
         history: evaluation history so far (``metrics.json``'s ``history``).
         rows_seen: training rows (all ranks, padding excluded) per epoch so far; the last entry is
             the current epoch's count when it is unfinished (``metrics.json``'s ``rows_seen``).
+        procedure: a training procedure's log (JSON), e.g. the masked-sharing pruning rounds.
     """
 
     step: int = 0
@@ -79,6 +82,7 @@ class TrainPosition:
     epoch_batches: int = 0
     history: list = field(default_factory=list)
     rows_seen: list = field(default_factory=list)
+    procedure: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -102,6 +106,7 @@ class CheckpointMeta:
     files: dict  # {relative path: {"size": int, "crc32": int}}
     rows_seen: list = field(default_factory=list)  # TrainPosition.rows_seen
     train: dict = field(default_factory=dict)  # the run settings checked on resume (RESUME_SETTINGS)
+    procedure: dict = field(default_factory=dict)  # TrainPosition.procedure
     created: float = 0.0
     torch_version: str = ""
 
@@ -372,7 +377,8 @@ class Checkpointer:
             model=self.run_info.get("model", {}), optim=self.run_info.get("optim", {}),
             loss=self.run_info.get("loss", {}), plan=self.plan,
             plan_summary=self.plan_summary, data_positions=positions, history=position.history, files=files,
-            rows_seen=list(position.rows_seen), train=dict(self.run_info.get("train", {})), created=time.time(), torch_version=torch.__version__,
+            rows_seen=list(position.rows_seen), train=dict(self.run_info.get("train", {})),
+            procedure=position.procedure, created=time.time(), torch_version=torch.__version__,
         )
         with open(tmp / (META_FILE + ".part"), "w") as f:
             json.dump(dataclasses.asdict(meta), f, indent=1)
@@ -427,7 +433,7 @@ class Checkpointer:
             for n in notes:
                 print(f"checkpoint: {n}", flush=True)
         return TrainPosition(step=meta.step, epoch=meta.epoch, epoch_batches=epoch_batches, history=meta.history,
-                             rows_seen=list(meta.rows_seen))
+                             rows_seen=list(meta.rows_seen), procedure=dict(meta.procedure))
 
     @staticmethod
     def _app_state(model: nn.Module, optimizer: KeyedOptimizer) -> dict:
@@ -544,12 +550,18 @@ def checkpoint_run_info(cfg: Any, schema: Any) -> dict:
     return {"schema_fingerprint": schema.fingerprint(), "model": dataclasses.asdict(cfg.model),
             "optim": dataclasses.asdict(cfg.optim), "loss": dataclasses.asdict(loss) if loss is not None else {},
             "batch_size": cfg.batch_size,
-            "train": {k: getattr(cfg, k) for k in RESUME_SETTINGS if hasattr(cfg, k)},
+            "train": {k: _plain(getattr(cfg, k)) for k in RESUME_SETTINGS if hasattr(cfg, k)
+                      and (k != "csrec" or cfg.model.name in MASKED_SHARING_MODELS)},
             "allow_new_settings": bool(getattr(cfg, "resume_with_new_settings", False))}
 
 
+def _plain(value: Any) -> Any:
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+
+
 # Run settings a resume must not change silently (the learning rates and clipping live in "optim").
-RESUME_SETTINGS = ("steps", "epochs", "seed", "shuffle", "shuffle_block_rows", "shuffle_buffer_rows")
+# (``csrec``, the masked-sharing schedule, only for the models it applies to.)
+RESUME_SETTINGS = ("steps", "epochs", "seed", "shuffle", "shuffle_block_rows", "shuffle_buffer_rows", "csrec")
 
 
 def preflight(cfg: Any) -> Path | None:

@@ -41,6 +41,13 @@ from recsys_mtl.train.best import BEST_MODEL_DIR, BestTracker, check_spec
 from recsys_mtl.train.eval_outputs import EvalCollector, write_eval_outputs
 from recsys_mtl.train.checkpoint import Checkpointer, TrainPosition, checkpoint_run_info
 from recsys_mtl.train.locks import DirLock, LockError
+from recsys_mtl.train.masked_sharing import (
+    SNAPSHOT_DIR,
+    STATE_MODULE,
+    MaskedSharingProcedure,
+    MaskState,
+    is_masked_sharing,
+)
 from recsys_mtl.train.losses import MultiTaskLoss
 from recsys_mtl.train.task import MTLTrainModule
 from recsys_mtl.types import MTLBatch
@@ -233,7 +240,7 @@ def _on_sigterm():
 
 FINAL_MODEL_DIR = "final_model"
 OUTPUT_ARTEFACTS = ("metrics.json", "metrics.json.tmp", "sharding_plan.txt", "eval_predictions.parquet",
-                    "expert_utilisation.json", "expert_utilisation.png")
+                    "expert_utilisation.json", "expert_utilisation.png", "mask_analysis.json", "mask_analysis.png")
 
 
 def lock_run_dirs(cfg: TrainConfig, env: DistEnv) -> list[DirLock]:
@@ -272,6 +279,9 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step: Callable[[int, torch.Tensor]
 
     # Model on meta, sharded once; dense parts are materialised and initialised by DMP.
     model = MTLTrainModule(build_model(schema, cfg.model, device="meta"), make_loss(cfg, schema))
+    masked = is_masked_sharing(model.model)
+    if masked:  # the masked-sharing procedure's state rides in the state dict (checkpointed)
+        setattr(model, STATE_MODULE, MaskState(model.model))
     dmp, plan = shard_model(
         model, cfg.sharding, cfg.optim, device=env.device, world_size=env.world_size,
         local_world_size=env.local_world_size, batch_size=cfg.batch_size,
@@ -298,7 +308,20 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step: Callable[[int, torch.Tensor]
 
     if cfg.pipeline not in PIPELINES:
         raise ValueError(f"unknown pipeline {cfg.pipeline!r}; choose from {', '.join(PIPELINES)}")
-    pipeline = PIPELINES[cfg.pipeline](dmp, optimizer, env.device)
+    group = control_group(env)
+    procedure = None
+    if masked:  # warm-up, pruning rounds, then the multi-task phase: a procedure drives each step
+        snapshots = Path(cfg.checkpoint_dir or cfg.output_dir) / SNAPSHOT_DIR
+        procedure = MaskedSharingProcedure(
+            cfg, dmp, optimizer, total_steps=total_steps, start_step=position.step, log=position.procedure,
+            evaluate=lambda: evaluate(dmp, cfg, schema, env),
+            snapshot_saver=lambda d: make_checkpointer(dataclasses.replace(
+                cfg, checkpoint_dir=str(d), checkpoint_every_steps=None, checkpoint_every_minutes=None, keep_last=1),
+                env, schema, plan),
+            snapshot_dir=snapshots, group=group)
+        pipeline = procedure.pipeline(env.device)
+    else:
+        pipeline = PIPELINES[cfg.pipeline](dmp, optimizer, env.device)
     loss_fn = dmp.module.loss  # its loss-weight schedule advances per step / epoch
     # Fail before the compute: the eval split's values are checked now, not after the last step.
     validate_split(cfg, schema, env, "eval")
@@ -317,7 +340,6 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step: Callable[[int, torch.Tensor]
     train_log: list[dict] = []  # every log_every steps: mean loss over ranks, throughput
     board = _tensorboard(out_dir) if env.is_main else None
     rows_seen: list[int] = list(position.rows_seen)  # per epoch, all ranks, padding excluded
-    group = control_group(env)
     saved_step = position.step if checkpointer is not None and position.step else None
     num_epochs = cfg.epochs if cfg.steps is None else 1 << 30
     bar = Progress(total=cfg.steps, initial=steps, enabled=env.is_main)
@@ -325,7 +347,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step: Callable[[int, torch.Tensor]
     def at(epoch: int, epoch_batches: int, epoch_rows: int) -> TrainPosition:
         """The position after ``epoch_batches`` steps of ``epoch`` (a collective: sums the rows)."""
         seen = rows_seen[:epoch] + [global_sum(epoch_rows, group)]
-        return TrainPosition(steps, epoch, epoch_batches, history, seen)
+        return TrainPosition(steps, epoch, epoch_batches, history, seen, position.procedure)
 
     for epoch in range(position.epoch, num_epochs):
         if cfg.steps is not None and steps >= cfg.steps:
@@ -412,7 +434,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step: Callable[[int, torch.Tensor]
             bar.write(f"epoch {epoch}: {rows_seen[epoch]:,} training rows ({epoch_steps} steps x "
                        f"{env.world_size} ranks x batch {cfg.batch_size}, short batches padded)")
         loss_fn.epoch_done()
-        position = TrainPosition(steps, epoch + 1, 0, history, rows_seen)
+        position = TrainPosition(steps, epoch + 1, 0, history, rows_seen, position.procedure)
     bar.close()
     guard.check()
     if checkpointer is not None and saved_step != steps:
@@ -420,6 +442,8 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step: Callable[[int, torch.Tensor]
     # The final model always lands under the output directory, as a DCP checkpoint that
     # Checkpointer.latest()/load() (and so a later predict or export) can read, on any plan.
     _save_model(cfg, env, schema, plan, out_dir / FINAL_MODEL_DIR, dmp, optimizer, position)
+    if procedure is not None:
+        procedure.cleanup()
 
     collector = EvalCollector(schema) if cfg.eval_outputs else None
     final = _eval_detached(pipeline, dmp, cfg, schema, env, collector)
@@ -441,6 +465,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step: Callable[[int, torch.Tensor]
         "final_model": str(out_dir / FINAL_MODEL_DIR),
         "best": None if best is None else {**best.summary(), "path": str(out_dir / BEST_MODEL_DIR)},
         "early_stopped_at": early_stopped,
+        **({"masked_sharing": procedure.summary()} if procedure is not None else {}),
         "config": cfg.to_dict(),
     }
     if env.is_main:
@@ -449,6 +474,8 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step: Callable[[int, torch.Tensor]
         os.replace(tmp, out_dir / "metrics.json")
         if board is not None:
             board.close()
+        if procedure is not None:
+            procedure.write_outputs(out_dir)
         print(f"\n{cfg.model.name}: {steps} steps x {env.world_size} ranks, "
               f"{result['samples_per_s']:,.0f} samples/s; eval metrics:\n{format_table(final)}", flush=True)
     return result if env.is_main else None

@@ -82,19 +82,21 @@ class MultiTaskLoss(nn.Module):
         if self.weight_unit == "epoch":
             self.t += 1
 
+    def task_loss(self, k: int, z: torch.Tensor, labels: torch.Tensor, label_mask: torch.Tensor) -> torch.Tensor:
+        """Task ``k``'s unweighted loss ``L_k`` of logits ``z`` (``B``) over its sample space (Eq. 9)."""
+        y = labels[:, k]  # B
+        m = label_mask[:, k].to(z.dtype)  # B: δ_k
+        if self._binary[k]:
+            el = F.binary_cross_entropy_with_logits(z, y, reduction="none")  # B
+        else:
+            el = (z - y) ** 2  # B
+        return (el * m).sum() / m.sum().clamp_min(1.0)
+
     def forward(
         self, logits: Mapping[str, torch.Tensor], labels: torch.Tensor, label_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the weighted total (scalar) and the per-task losses ``L_k`` (``T``)."""
-        per_task = []
-        for k, task in enumerate(self.tasks):
-            z, y = logits[task.name], labels[:, k]  # B, B
-            m = label_mask[:, k].to(z.dtype)  # B: δ_k
-            if self._binary[k]:
-                el = F.binary_cross_entropy_with_logits(z, y, reduction="none")  # B
-            else:
-                el = (z - y) ** 2  # B
-            per_task.append((el * m).sum() / m.sum().clamp_min(1.0))
+        per_task = [self.task_loss(k, logits[task.name], labels, label_mask) for k, task in enumerate(self.tasks)]
         per_task_t = torch.stack(per_task)  # T
         total = (self.current_weights().to(per_task_t.dtype) * per_task_t).sum()
         return total, per_task_t

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -45,6 +47,9 @@ class MTLTrainModule(nn.Module):
         #   auxiliary_loss(logits) -> scalar added to the task losses (AITM's calibrator).
         self._targets_hook = hasattr(model, "training_targets")
         self._aux_hook = hasattr(model, "auxiliary_loss")
+        # A training procedure may replace the loss for its steps (CSRec's contrastive loss):
+        # objective(logits, labels, mask) -> scalar loss; forward then returns (loss, None).
+        self.objective: Callable[[dict, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def forward(
         self, batch: MTLBatch
@@ -53,6 +58,8 @@ class MTLTrainModule(nn.Module):
         if self._targets_hook:  # e.g. ESMM: entire-space funnel labels
             labels, mask = self.model.training_targets(labels, mask)
         logits = self.model(batch.dense, batch.sparse)
+        if self.objective is not None and self.training:  # a procedure's step (evaluation: the usual output)
+            return self.objective(logits, labels, mask), None
         total, _ = self.loss(logits, labels, mask)
         if self._aux_hook:  # e.g. AITM's calibrator
             total = total + self.model.auxiliary_loss(logits)

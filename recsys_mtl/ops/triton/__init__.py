@@ -1,0 +1,1 @@
+"""Triton kernels of the fused ops (GPU; tested on CPU under ``TRITON_INTERPRET=1``)."""
