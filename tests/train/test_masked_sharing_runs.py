@@ -1,7 +1,7 @@
 """The masked-sharing schedule through the real trainer on 2 gloo ranks (sharded tables, DDP):
 pruning reaches the requested sparsity with rewinding to the warm-up weights, the best
-qualifying mask by validation is installed, and a run killed mid-pruning-round or mid-alternation
-resumes bit-exactly from its checkpoint.
+qualifying mask by validation is installed, a run killed mid-pruning-round or mid-alternation
+resumes bit-exactly from its checkpoint, and the masks reshard from 2 ranks to 1.
 
 Schedule: 6 warm-up steps, 2 tasks x 3 rounds x 4 steps of pruning (α = 0.25, ε = 0.4: rounds 0,
 1, 2 have sparsity 0, 0.25, 0.4375), multi-task phase from step 30 to 40.
@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from multirank import run_ranks
 
@@ -69,13 +70,50 @@ def _runs(data: str, root: str) -> dict:
     return out
 
 
+def _resume_on_one_rank(data: str, root: str) -> dict:
+    """A's final checkpoint (2 ranks) resumed on 1 rank for 4 more multi-task steps."""
+    import dataclasses
+
+    from recsys_mtl.train.loop import train
+
+    r = Path(root)
+    cfg = dataclasses.replace(_cfg(data, str(r / "A1"), str(r / "ckA")), steps=STEPS + 4, resume_with_new_settings=True)
+    return train(cfg)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     from recsys_mtl.data.synth import generate_recsys
 
     root = tmp_path_factory.mktemp("masked")
     generate_recsys(root / "data", rows=4_000, seed=5, num_users=300, num_items=500)
-    return run_ranks(_runs, 2, str(root / "data"), str(root), timeout=600)[0]
+    out = run_ranks(_runs, 2, str(root / "data"), str(root), timeout=600)[0]
+    out["resumed_on_1"] = run_ranks(_resume_on_one_rank, 1, str(root / "data"), str(root), timeout=300)[0]
+    out["root"] = root
+    return out
+
+
+def test_masks_and_procedure_state_reshard_from_2_ranks_to_1(runs, tmp_path):
+    """The packed masks and the procedure's state are replicated buffers: the 1-rank continuation
+    of a 2-rank run loads them unchanged, and (masks fixed in the multi-task phase) ends with them."""
+    from checkpoint_state import full_state
+
+    root = runs["root"]
+    r = runs["resumed_on_1"]
+    assert r["steps"] == STEPS + 4 and r["world_size"] == 1
+    assert r["masked_sharing"]["pruning"] == runs["A"]["masked_sharing"]["pruning"]  # the log came along
+    (two,) = sorted((root / "A" / "final_model").glob("step_*"))
+    (one,) = sorted((root / "A1" / "final_model").glob("step_*"))
+    a, b = full_state(two, tmp_path), full_state(one, tmp_path)
+    # (conflict masks are remeasured during the extra steps: not compared)
+    keys = [k for k in a if ".masks_" in k or ("procedure_state." in k and ".conflict_" not in k)]
+    assert any(".masks_" in k for k in keys) and any("best_" in k for k in keys)
+    task_masks = [k for k in keys if ".masks_" in k]
+    for k in keys:
+        if k in task_masks:  # the task masks (rows 0..T-1); contrastive rows are redrawn every step
+            assert torch.equal(a[k][:2], b[k][:2]), k
+        else:
+            assert torch.equal(a[k], b[k]), k
 
 
 def test_pruning_reaches_the_sparsity_and_keeps_the_best_qualifying_mask(runs):
