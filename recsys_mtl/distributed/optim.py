@@ -36,7 +36,7 @@ def lr_stages(optim: OptimConfig, total_steps: int | None) -> list[WarmupStage]:
         >>> from recsys_mtl.config import OptimConfig
         >>> [(s.policy.value, s.max_iters) for s in lr_stages(OptimConfig(lr_warmup_steps=10,
         ...                                                    lr_schedule="linear"), 100)]
-        [('linear', 10), ('interpolate', 100)]
+        [('linear', 10), ('interpolate', 100), ('constant', 4611686018427387904)]
     """
     stages: list[WarmupStage] = []
     warmup = optim.lr_warmup_steps
@@ -48,6 +48,8 @@ def lr_stages(optim: OptimConfig, total_steps: int | None) -> list[WarmupStage]:
                              f"than warm-up steps ({warmup})")
         stages.append(WarmupStage(policy=WarmupPolicy.INTERPOLATE, max_iters=total_steps, value=1.0,
                                   start_interpolating_iters=warmup, end_value=optim.lr_min_ratio))
+        # Past the end (TorchRec's schedule would return to the full rate there): stay at the minimum.
+        stages.append(WarmupStage(policy=WarmupPolicy.CONSTANT, max_iters=1 << 62, value=optim.lr_min_ratio))
     return stages
 
 

@@ -47,6 +47,7 @@ from recsys_mtl.train.masked_sharing import (
     MaskedSharingProcedure,
     MaskState,
     is_masked_sharing,
+    optimizer_steps,
 )
 from recsys_mtl.train.losses import MultiTaskLoss
 from recsys_mtl.train.task import MTLTrainModule
@@ -295,7 +296,8 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step: Callable[[int, torch.Tensor]
     # Optimizer steps of the whole run (a decaying learning-rate schedule ends there).
     total_steps = cfg.steps or cfg.epochs * steps_per_epoch(count_rows(cfg.data, "train"), env.world_size,
                                                              cfg.batch_size)
-    optimizer = make_optimizer(dmp, cfg.optim, total_steps)
+    optimizer = make_optimizer(dmp, cfg.optim,
+                               optimizer_steps(model.model, cfg, total_steps) if masked else total_steps)
 
     # Checkpoint: resume from the newest valid one, if any.
     checkpointer = make_checkpointer(cfg, env, schema, plan) if cfg.checkpoint_dir else None

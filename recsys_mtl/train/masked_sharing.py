@@ -84,6 +84,15 @@ def masked_layers(model: nn.Module) -> list[tuple[MaskedMLP, int]]:
     return [(mlp, i) for mlp in model.masked_layers() for i in range(mlp.num_layers)]
 
 
+def optimizer_steps(model: nn.Module, cfg: TrainConfig, total_steps: int) -> int:
+    """Optimizer steps of a run of ``total_steps`` batches: CSRec's reference mode takes one per
+    task per batch in its multi-task phase (what a learning-rate schedule counts)."""
+    if model.num_subnets < 2 * model.num_tasks or cfg.csrec.mode != "reference":
+        return total_steps
+    start = MaskSchedule(cfg.csrec, model.num_tasks, total_steps).multitask_start
+    return start + (total_steps - start) * model.num_tasks
+
+
 def loss_r(loss: torch.Tensor) -> torch.Tensor:
     """CSRec Eq. 5, ``sigmoid(ln L)``, computed as the identical ``L / (1 + L)`` (finite at L = 0).
 
@@ -260,6 +269,7 @@ class MaskedSharingProcedure:
         self._task_masks: list[torch.Tensor] | None = None  # per layer T x N x K bool (fixed in multitask)
         self._task_losses: list[torch.Tensor] = []
         self._last_conflict: float | None = None
+        self._snapshots = None
 
     # ---- the loop's pipeline interface --------------------------------------------------------------
 
@@ -325,10 +335,16 @@ class MaskedSharingProcedure:
             self.model.detached_subnets = frozenset(range(self.T, 2 * self.T)) if self.contrastive else frozenset()
             tm.objective = self._multitask_objective
 
+    def _saver(self):
+        """The snapshot's ``Checkpointer`` (made once: each one opens a gloo group)."""
+        if self._snapshots is None:
+            self._snapshots = self.snapshot_saver(self.snapshot_dir)
+        return self._snapshots
+
     def _save_snapshot(self) -> None:
         from recsys_mtl.train.checkpoint import TrainPosition
 
-        saver = self.snapshot_saver(self.snapshot_dir)
+        saver = self._saver()
         saver.save(self.dmp, self.optimizer, TrainPosition(step=self.step))
         self.log["snapshot"] = {"step": self.step, "weights_checksum": self._checksum()}
 
@@ -338,7 +354,7 @@ class MaskedSharingProcedure:
         return float(sum(p.detach().double().abs().sum() for p in params))
 
     def _rewind(self) -> None:
-        saver = self.snapshot_saver(self.snapshot_dir)
+        saver = self._saver()
         path = saver.latest()
         if path is None:
             raise RuntimeError(f"the warm-up weights to rewind to are missing from {self.snapshot_dir} "

@@ -206,3 +206,15 @@ def test_schedule_phases():
     with pytest.raises(ValueError, match="more than 16 steps"):
         MaskSchedule(c, 2, 16)
     assert MaskSchedule(CSRecConfig(prune_rate=0.1, min_sparsity=0.4), 2, 10**6).rounds == 6  # 5 to reach ε, + 1
+
+
+def test_optimizer_steps_count_the_reference_modes_per_task_steps():
+    from recsys_mtl.train.masked_sharing import optimizer_steps
+
+    _, tm, proc = _setup()
+    cfg = proc.cfg  # multi-task phase from step 3 (1 warm-up + 2 tasks x 1 round x 1 step)
+    assert optimizer_steps(tm.model, cfg, 100) == 3 + 97 * 2
+    fused = TrainConfig(data="-", output_dir="-", csrec=CSRecConfig(**{**cfg.csrec.__dict__, "mode": "fused"}))
+    assert optimizer_steps(tm.model, fused, 100) == 100
+    _, tm_s, _ = _setup(model_cls=SparseSharing)
+    assert optimizer_steps(tm_s.model, cfg, 100) == 100

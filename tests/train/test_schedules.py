@@ -43,9 +43,14 @@ def test_warmup_then_linear_decay_follows_the_formula_and_sgd_uses_it():
         opt.step()
         lrs.append(opt.param_groups[0]["lr"])
     assert lrs == pytest.approx([_expected(k, 0.1, 4, 10, 0.1) for k in range(11)], rel=1e-12)
-    assert lrs[0] == pytest.approx(0.025) and lrs[4] == pytest.approx(0.1) and lrs[10] == pytest.approx(0.01)
     # SGD with unit gradients moved the weight by exactly the sum of the rates used.
     assert (before - p.detach()).tolist() == pytest.approx([sum(lrs[:10])] * 3, rel=1e-6)
+    assert lrs[0] == pytest.approx(0.025) and lrs[4] == pytest.approx(0.1) and lrs[10] == pytest.approx(0.01)
+    extra = []
+    for _ in range(3):  # past the planned end: the minimum, not back to the full rate
+        opt.step()
+        extra.append(opt.param_groups[0]["lr"])
+    assert extra == pytest.approx([0.01] * 3)
 
 
 def test_schedule_position_is_restored_from_the_state_dict():
