@@ -493,16 +493,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     from recsys_mtl.train.checkpoint import CheckpointError, preflight
     from recsys_mtl.train.locks import LockError
+    from recsys_mtl.train.loop import check_schedules
 
     try:
         check_dataset(cfg.data)  # footers and column types only: fails fast, before any rank starts
         preflight(cfg)  # the newest checkpoint's meta.json must fit this dataset and model
+        world = (int(os.environ.get("WORLD_SIZE", "1")) if _inside_launcher()
+                 else (args.nproc_per_node or 1) * args.nnodes)
+        check_schedules(cfg, world)  # long enough for the learning-rate and masked-sharing schedules
         for flag, d in (("--output-dir", cfg.output_dir), ("--checkpoint-dir", cfg.checkpoint_dir)):
             if d is not None:
                 _check_writable(flag, Path(d))
                 if not _inside_launcher():  # inside a launch, rank 0 may hold it already: train() checks
                     _check_unlocked(flag, Path(d))
-    except (SchemaError, CheckpointError, OSError, LockError) as e:
+    except (SchemaError, CheckpointError, OSError, LockError, ValueError) as e:
         print(f"recsys-mtl train: error: {e}", file=sys.stderr)
         return 2
     if _inside_launcher() or not args.nproc_per_node:

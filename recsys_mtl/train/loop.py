@@ -28,11 +28,11 @@ from tqdm import tqdm
 from torchrec.distributed.train_pipeline import TrainPipelineBase, TrainPipelineSparseDist
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recsys_mtl.config import TrainConfig
+from recsys_mtl.config import MASKED_SHARING_MODELS, TrainConfig
 from recsys_mtl.data.reader import DataError, count_rows, make_dataloader, steps_per_epoch
 from recsys_mtl.data.schema import Schema
 from recsys_mtl.distributed.env import DistEnv, control_group, init_distributed
-from recsys_mtl.distributed.optim import make_optimizer
+from recsys_mtl.distributed.optim import lr_stages, make_optimizer
 from recsys_mtl.distributed.sharding import plan_summary, shard_model
 from recsys_mtl.analysis import GateRecorder
 from recsys_mtl.metrics import MTLMetrics, format_table
@@ -45,6 +45,7 @@ from recsys_mtl.train.masked_sharing import (
     SNAPSHOT_DIR,
     STATE_MODULE,
     MaskedSharingProcedure,
+    MaskSchedule,
     MaskState,
     is_masked_sharing,
     optimizer_steps,
@@ -294,8 +295,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step: Callable[[int, torch.Tensor]
               + ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items())) + f" tables; per table in "
               f"{out_dir / 'sharding_plan.txt'}", flush=True)
     # Optimizer steps of the whole run (a decaying learning-rate schedule ends there).
-    total_steps = cfg.steps or cfg.epochs * steps_per_epoch(count_rows(cfg.data, "train"), env.world_size,
-                                                             cfg.batch_size)
+    total_steps = run_steps(cfg, env.world_size)
     optimizer = make_optimizer(dmp, cfg.optim,
                                optimizer_steps(model.model, cfg, total_steps) if masked else total_steps)
 
@@ -625,6 +625,24 @@ def make_checkpointer(cfg: TrainConfig, env: DistEnv, schema: Schema, plan) -> C
         plan_summary=plan_summary(plan), keep_last=cfg.keep_last, every_steps=cfg.checkpoint_every_steps,
         every_minutes=cfg.checkpoint_every_minutes,
     )
+
+
+def run_steps(cfg: TrainConfig, world_size: int) -> int:
+    """Steps (batches per rank) the run takes: ``cfg.steps``, or its epochs from the footers."""
+    return cfg.steps or cfg.epochs * steps_per_epoch(count_rows(cfg.data, "train"), world_size, cfg.batch_size)
+
+
+def check_schedules(cfg: TrainConfig, world_size: int) -> None:
+    """Raises ``ValueError`` (naming the flags) if the run is too short for its learning-rate
+    schedule or its masked-sharing schedule, or ``--keep-best`` names an unknown task: checked
+    before any rank starts."""
+    total = run_steps(cfg, world_size)
+    schema = Schema.load(cfg.data)
+    if cfg.model.name in MASKED_SHARING_MODELS:
+        MaskSchedule(cfg.csrec, len(schema.tasks), total)
+    lr_stages(cfg.optim, total)
+    if cfg.keep_best is not None:
+        check_spec(cfg.keep_best, schema.task_names)
 
 
 def _save_model(cfg: TrainConfig, env: DistEnv, schema: Schema, plan, directory: Path, dmp: nn.Module,

@@ -44,6 +44,15 @@ def _refused(capsys, argv: list[str]) -> str:
     (["--eval-every", "-1"], "--eval-every) must be an integer >= 0"),
     (["--checkpoint-every-minutes", "-5"], "--checkpoint-every-minutes) must be a finite number > 0"),
     (["--shuffle-buffer-rows", "0"], "--shuffle-buffer-rows) must be a positive integer"),
+    (["--lr-warmup-steps", "-1"], "--lr-warmup-steps) must be an integer >= 0"),
+    (["--lr-min-ratio", "2"], "--lr-min-ratio) must be a number in [0, 1]"),
+    (["--keep-best", "auc"], "--eval-every) must be > 0 with --keep-best"),
+    (["--keep-best", "nope/auc", "--eval-every", "5"], "names task 'nope'"),
+    (["--early-stop-patience", "3", "--eval-every", "5"], "set with --early-stop-patience"),
+    (["--steps", "10", "--lr-warmup-steps", "10", "--lr-schedule", "linear"], "needs more training steps (10)"),
+    (["--model", "csrec", "--steps", "50"], "the masked-sharing schedule needs more than 700 steps"),
+    (["--model", "csrec", "--csrec-prune-rate", "1.5"], "--csrec-prune-rate) must be in (0, 1)"),
+    (["--model", "csrec", "--csrec-reverse-ratio", "-1"], "--csrec-reverse-ratio) must be in [0, 1]"),
 ])
 def test_train_flags_out_of_range(capsys, data, tmp_path, flags, expected):
     err = _refused(capsys, ["train", "--data", str(data), "--output-dir", str(tmp_path / "out"), *flags])
