@@ -14,7 +14,10 @@ share one interface, which the training procedures use:
 - ``pairs``: ``None``, or a list of ``(subnet, tower task)`` pairs; then ``forward`` returns
   ``{pair_key(subnet, task): logits}`` instead, computing only the subnetworks named (still one
   call per layer). Every parameter stays in every forward's graph (see
-  :func:`recsys_mtl.modules.masked_mlp.pair_logits`), as a static-graph DDP needs.
+  :func:`recsys_mtl.modules.masked_mlp.pair_logits`), as a static-graph DDP needs. ``pairs`` acts
+  in training mode only; evaluation always runs the task subnetworks.
+- ``detached_subnets``: subnetworks whose pairs pass gradient to the masked bottom only (their
+  input, towers and any unmasked path read detached): CSRec's contrastive subnetworks.
 - ``tasks``, ``num_tasks``, ``num_subnets``, ``masked_layers()`` (the bottom's
   :class:`~recsys_mtl.modules.masked_mlp.MaskedMLP` blocks in order) and
   ``input_field_columns()`` (the first masked layer's input columns of each field).
