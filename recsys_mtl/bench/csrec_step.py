@@ -90,7 +90,7 @@ class NaiveCSRecStep:
         return tower(h)  # B
 
     def step(self, batch) -> None:
-        from recsys_mtl.train.masked_sharing import loss_r
+        from recsys_mtl.train.masked_sharing import loss_r, step_subnet
 
         proc, model, loss = self.proc, self.model, self.tm.loss
         proc._draw_contrastive_masks(proc.step)  # the same contrastive masks as ours at this step
@@ -117,14 +117,8 @@ class NaiveCSRecStep:
                 for w, s, m, g in zip(self.weights, saved, masks, g_task):
                     w.grad = (g + w.grad * m[T + k]) * m[k]  # both gradients, under the masks
                     w.copy_(s)  # restored
-            frozen = [(w, m[k], w.detach().clone()) for w, m in zip(self.weights, masks)]
-            others = [(p, p.detach().clone()) for t, tw in model.towers.items() if t != task for p in tw.parameters()]
-            self.opt.step()
-            with torch.no_grad():
-                for w, m, before in frozen:
-                    w.copy_(torch.where(m, w, before))
-                for p, before in others:
-                    p.copy_(before)
+            step_subnet(self.opt, self.weights, [m[k] for m in masks],
+                        [p for t, tw in model.towers.items() if t != task for p in tw.parameters()])
         proc.step += 1
 
 

@@ -93,6 +93,20 @@ def optimizer_steps(model: nn.Module, cfg: TrainConfig, total_steps: int) -> int
     return start + (total_steps - start) * model.num_tasks
 
 
+def step_subnet(optimizer, weights: list[torch.Tensor], masks: list[torch.Tensor], others: list[torch.Tensor]) -> None:
+    """One optimizer step that moves only one task's subnet: afterwards the masked ``weights`` are
+    put back outside their ``masks`` (``N x K`` bool each) and ``others`` (e.g. the other tasks'
+    towers) entirely, so momentum moves nothing outside Θ_t."""
+    frozen = [(w, m, w.detach().clone()) for w, m in zip(weights, masks)]
+    kept = [(p, p.detach().clone()) for p in others]
+    optimizer.step()
+    with torch.no_grad():
+        for w, m, before in frozen:
+            w.copy_(torch.where(m, w, before))
+        for p, before in kept:
+            p.copy_(before)
+
+
 def loss_r(loss: torch.Tensor) -> torch.Tensor:
     """CSRec Eq. 5, ``sigmoid(ln L)``, computed as the identical ``L / (1 + L)`` (finite at L = 0).
 
@@ -463,15 +477,8 @@ class MaskedSharingProcedure:
             if measure:
                 grads.append([w.grad.detach().clone() if w.grad is not None else torch.zeros_like(w)
                               for w in self.weights])
-            frozen = [(w, m, w.detach().clone()) for w, m in zip(self.weights, masks)]
-            others = [(p, p.detach().clone()) for t, tower in model.towers.items() if t != task
-                      for p in tower.parameters()]
-            self.optimizer.step()
-            with torch.no_grad():
-                for w, m, before in frozen:
-                    w.copy_(torch.where(m, w, before))
-                for p, before in others:
-                    p.copy_(before)
+            step_subnet(self.optimizer, self.weights, masks,
+                        [p for t, tower in model.towers.items() if t != task for p in tower.parameters()])
             losses.append(self._task_losses[0].detach())
         if measure:
             self._store_conflicts(grads, all_reduce=False)  # DDP already averaged the gradients
