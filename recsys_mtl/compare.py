@@ -85,20 +85,13 @@ def write_mask_analysis(out: Path, results: list[dict]) -> Path | None:
     """``OUT/mask_analysis.json``/``.png``: the masked-sharing runs of seed 0 side by side —
     sharing and conflict ratios over training (CSRec Fig. 5), first-layer field occupation (Fig. 6),
     subnet and union parameter counts. None when no masked-sharing model ran."""
-    from recsys_mtl.modules.masking import plot_masks_analysis
+    from recsys_mtl.train.masked_sharing import plot_logs
 
     runs = {r["model"]: r["masked_sharing"] for r in results if "masked_sharing" in r and r["config"]["seed"] == 0}
     if not runs:
         return None
     (out / "mask_analysis.json").write_text(json.dumps(runs, indent=1))
-    curves = {}
-    for label, log in runs.items():
-        rows = log.get("analysis", [])
-        curves[label] = {"step": [r["step"] for r in rows], "sharing_ratio": [r["sharing_ratio"] for r in rows]}
-        if rows and all(r["conflict_ratio"] is not None for r in rows):
-            curves[label]["conflict_ratio"] = [r["conflict_ratio"] for r in rows]
-    occupation = {label: log["masks"]["field_occupation"] for label, log in runs.items() if "masks" in log}
-    return plot_masks_analysis(out / "mask_analysis.png", curves, occupation, title="masked sharing (seed 0)")
+    return plot_logs(out / "mask_analysis.png", runs, title="masked sharing (seed 0)")
 
 
 def _metric_of(task_kind: str) -> tuple[str, bool]:

@@ -317,9 +317,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step: Callable[[int, torch.Tensor]
         procedure = MaskedSharingProcedure(
             cfg, dmp, optimizer, total_steps=total_steps, start_step=position.step, log=position.procedure,
             evaluate=lambda: evaluate(dmp, cfg, schema, env),
-            snapshot_saver=lambda d: make_checkpointer(dataclasses.replace(
-                cfg, checkpoint_dir=str(d), checkpoint_every_steps=None, checkpoint_every_minutes=None, keep_last=1),
-                env, schema, plan),
+            snapshot_saver=lambda d: _model_saver(cfg, env, schema, plan, d),
             snapshot_dir=snapshots, group=group)
         pipeline = procedure.pipeline(env.device)
     else:
@@ -336,6 +334,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step: Callable[[int, torch.Tensor]
         if env.is_main and position.step == 0:  # a fresh run: no earlier run's best model may linger
             shutil.rmtree(out_dir / BEST_MODEL_DIR, ignore_errors=True)
     early_stopped = None
+    best_saver: Checkpointer | None = None
 
     steps, samples, train_time = position.step, 0, 0.0
     history: list[dict] = position.history
@@ -400,9 +399,9 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step: Callable[[int, torch.Tensor]
                 history.append({"step": steps, "tasks": _eval_detached(pipeline, dmp, cfg, schema, env)})
                 if best is not None:
                     improved, stop = best.decide(steps, history[-1]["tasks"], env.is_main, group)
-                    if improved:
-                        _save_model(cfg, env, schema, plan, out_dir / BEST_MODEL_DIR, dmp, optimizer,
-                                    at(epoch, epoch_batches, epoch_rows))
+                    if improved:  # one saver for the run: each Checkpointer opens a gloo group
+                        best_saver = best_saver or _model_saver(cfg, env, schema, plan, out_dir / BEST_MODEL_DIR)
+                        best_saver.save(dmp, optimizer, at(epoch, epoch_batches, epoch_rows))
                     if stop:
                         early_stopped = steps
                         if env.is_main:
@@ -443,7 +442,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step: Callable[[int, torch.Tensor]
         checkpointer.save(dmp, optimizer, position)
     # The final model always lands under the output directory, as a DCP checkpoint that
     # Checkpointer.latest()/load() (and so a later predict or export) can read, on any plan.
-    _save_model(cfg, env, schema, plan, out_dir / FINAL_MODEL_DIR, dmp, optimizer, position)
+    _model_saver(cfg, env, schema, plan, out_dir / FINAL_MODEL_DIR).save(dmp, optimizer, position)
     if procedure is not None:
         procedure.cleanup()
 
@@ -645,13 +644,11 @@ def check_schedules(cfg: TrainConfig, world_size: int) -> None:
         check_spec(cfg.keep_best, schema.task_names)
 
 
-def _save_model(cfg: TrainConfig, env: DistEnv, schema: Schema, plan, directory: Path, dmp: nn.Module,
-                optimizer, position: TrainPosition) -> None:
-    """Saves the model as the only checkpoint in ``directory`` (``final_model``, ``best_model``):
-    a DCP checkpoint that ``Checkpointer.latest()``/``load()`` read on any plan (a collective)."""
-    saver = make_checkpointer(dataclasses.replace(cfg, checkpoint_dir=str(directory), checkpoint_every_steps=None,
-                                                  checkpoint_every_minutes=None, keep_last=1), env, schema, plan)
-    saver.save(dmp, optimizer, position)
+def _model_saver(cfg: TrainConfig, env: DistEnv, schema: Schema, plan, directory: Path) -> Checkpointer:
+    """A checkpointer keeping the model as the only checkpoint in ``directory`` (``final_model``,
+    ``best_model``): DCP checkpoints that ``Checkpointer.latest()``/``load()`` read on any plan."""
+    return make_checkpointer(dataclasses.replace(cfg, checkpoint_dir=str(directory), checkpoint_every_steps=None,
+                                                 checkpoint_every_minutes=None, keep_last=1), env, schema, plan)
 
 
 def _eval_detached(pipeline, dmp: nn.Module, cfg: TrainConfig, schema: Schema, env: DistEnv,

@@ -39,7 +39,6 @@ Phases, in global optimizer steps (``W`` warm-up steps, ``T`` tasks, ``R`` round
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import shutil
 from dataclasses import dataclass
@@ -565,17 +564,25 @@ class MaskedSharingProcedure:
         """``OUT/mask_analysis.json`` and ``.png`` (CSRec Fig. 5 and 6); rank 0."""
         import json
 
-        from recsys_mtl.modules.masking import plot_masks_analysis
-
         summary = self.summary()
         (Path(out_dir) / "mask_analysis.json").write_text(json.dumps(summary, indent=1))
-        rows = self.log["analysis"]
-        curves = {self.cfg.model.name: {"step": [r["step"] for r in rows],
-                                        "sharing_ratio": [r["sharing_ratio"] for r in rows]}}
+        plot_logs(Path(out_dir) / "mask_analysis.png", {self.cfg.model.name: summary}, title=self.cfg.model.name)
+
+
+def plot_logs(path: Path, logs: dict[str, dict], title: str) -> Path:
+    """PNG of procedure logs (:meth:`MaskedSharingProcedure.summary`, by label): sharing and
+    conflict ratios over training (CSRec Fig. 5; conflict only where every point was measured)
+    and the installed masks' first-layer field occupation (Fig. 6)."""
+    from recsys_mtl.modules.masking import plot_masks_analysis
+
+    curves = {}
+    for label, log in logs.items():
+        rows = log.get("analysis", [])
+        curves[label] = {"step": [r["step"] for r in rows], "sharing_ratio": [r["sharing_ratio"] for r in rows]}
         if rows and all(r["conflict_ratio"] is not None for r in rows):
-            curves[self.cfg.model.name]["conflict_ratio"] = [r["conflict_ratio"] for r in rows]
-        occupation = {self.cfg.model.name: self.log["masks"]["field_occupation"]} if "masks" in self.log else None
-        plot_masks_analysis(Path(out_dir) / "mask_analysis.png", curves, occupation, title=self.cfg.model.name)
+            curves[label]["conflict_ratio"] = [r["conflict_ratio"] for r in rows]
+    occupation = {label: log["masks"]["field_occupation"] for label, log in logs.items() if "masks" in log}
+    return plot_masks_analysis(path, curves, occupation or None, title=title)
 
 
 class Unsharded(nn.Module):
