@@ -16,6 +16,8 @@ from recsys_mtl.config import (
     CSREC_CONTRASTIVE,
     CSREC_MODES,
     CSREC_TASK_TERMS,
+    GRAD_COMBINERS,
+    GRAD_STATS,
     DENSE_OPTIMIZERS,
     LR_SCHEDULES,
     MODEL_NAMES,
@@ -68,7 +70,8 @@ def _config_defaults(parser: argparse.ArgumentParser) -> None:
     train = TrainConfig(data="", output_dir="")
     sources = {**{k: getattr(train.model, k) for k in _MODEL_FLAGS}, **{k: getattr(train.optim, k) for k in _OPTIM_FLAGS},
                **{k: getattr(train, k) for k in _TRAIN_FLAGS}, "model": train.model.name,
-               **{"csrec_" + k: getattr(train.csrec, k) for k in _CSREC_FLAGS}}
+               **{"csrec_" + k: getattr(train.csrec, k) for k in _CSREC_FLAGS},
+               **{flag: getattr(train.grad, k) for flag, k in _GRAD_FLAGS.items()}}
     for action in parser._actions:
         if action.default is None and sources.get(action.dest) is not None and "default" not in (action.help or ""):
             value = sources[action.dest]
@@ -139,9 +142,11 @@ def _add_convert(dsub: argparse._SubParsersAction) -> None:
                     "Inputs by dataset: census-kdd: census-income.data/.test[.gz]; ali-ccp: "
                     "sample_skeleton_{train,test}.csv + common_features_{train,test}.csv; kuairand: "
                     "log_standard_*.csv, user_features_*.csv, video_features_basic_*.csv; icme2019: "
-                    "final_track2_train.txt. See README 'Dataset converters'.",
+                    "final_track2_train.txt. See README 'Dataset converters'. ciao, epinions: rating.mat + "
+                    "trustnetwork.mat (loaded whole; writes train/eval/test interactions, side/ trust and "
+                    "item-category tables; see recsys_mtl.data.convert.trust).",
     )
-    conv.add_argument("name", choices=["census-kdd", "ali-ccp", "kuairand", "icme2019"])
+    conv.add_argument("name", choices=["census-kdd", "ali-ccp", "kuairand", "icme2019", "ciao", "epinions"])
     conv.add_argument("--input", nargs="+", required=True, metavar="PATH", help="raw files (.gz allowed)")
     conv.add_argument("--out", required=True, help="dataset directory to write")
     conv.add_argument("--min-count", type=int, default=1,
@@ -150,7 +155,9 @@ def _add_convert(dsub: argparse._SubParsersAction) -> None:
     conv.add_argument("--eval-fraction", type=float, default=0.1,
                       help="eval share for hash splits (files without a train/test role) and for the "
                            "kuairand date split")
-    conv.add_argument("--seed", type=int, default=0, help="seed of the hash split")
+    conv.add_argument("--seed", type=int, default=None,
+                      help="seed of the hash split (default 0); ciao/epinions: seed of the shuffle before the "
+                           "random split (default 2024)")
     conv.add_argument("--tasks", default=None,
                       help="census-kdd: income,marital[,education]; kuairand: comma list of log columns "
                            "(default is_click,is_like,is_follow,is_comment,is_forward,long_view)")
@@ -160,16 +167,54 @@ def _add_convert(dsub: argparse._SubParsersAction) -> None:
                       help="census-kdd: also write the instance weight as a column outside the schema")
     conv.add_argument("--row-group-size", type=int, default=16_384)
     conv.add_argument("--progress", action="store_true", help="progress bars on stderr")
+    g = conv.add_argument_group("ciao / epinions")
+    g.add_argument("--core", type=int, default=None, help="K-core: drop users/items with fewer than K interactions, "
+                                                          "repeatedly (default 0: none)")
+    g.add_argument("--split", type=_floats, default=None, metavar="TRAIN,EVAL,TEST",
+                   help="fractions of the random split (default 0.6,0.2,0.2)")
+    g.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
     conv.set_defaults(func=_cmd_convert)
+
+
+def _cmd_convert_trust(args: argparse.Namespace) -> int:
+    from recsys_mtl.data.convert.trust import DEFAULT_SEED, DEFAULT_SPLIT, convert_trust
+    from recsys_mtl.data.schema import SchemaError
+
+    foreign = [flag for flag, given in (("--tasks", args.tasks is not None), ("--max-rows", args.max_rows is not None),
+                                        ("--split-date", args.split_date is not None),
+                                        ("--keep-instance-weight", args.keep_instance_weight),
+                                        ("--min-count", args.min_count != 1)) if given]
+    if foreign:
+        print(f"recsys-mtl data convert: error: {', '.join(foreign)} is not an option of {args.name}", file=sys.stderr)
+        return 2
+    try:
+        schema = convert_trust(args.name, args.input, args.out,
+                               seed=DEFAULT_SEED if args.seed is None else args.seed,
+                               split=DEFAULT_SPLIT if args.split is None else args.split,
+                               core=args.core or 0, overwrite=args.overwrite)
+    except SchemaError as e:
+        print(f"recsys-mtl data convert: error: {e}", file=sys.stderr)
+        return 2
+    n = schema.metadata["interactions"]
+    print(f"wrote {args.out}: {n['train']} train / {n['eval']} eval / {n['test']} test interactions, "
+          f"{schema.metadata['num_users']} users, {schema.metadata['num_items']} items, "
+          f"{schema.metadata['trust_edges']} trust edges")
+    return 0
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     from recsys_mtl.data.convert import convert
     from recsys_mtl.data.schema import SchemaError
 
+    if args.name in ("ciao", "epinions"):
+        return _cmd_convert_trust(args)
+    if args.core is not None or args.split is not None or args.overwrite:
+        print(f"recsys-mtl data convert: error: --core, --split and --overwrite are options of ciao and epinions, "
+              f"not of {args.name}", file=sys.stderr)
+        return 2
     opts: dict = {"max_rows": args.max_rows, "eval_fraction": args.eval_fraction}
     if args.name != "kuairand":
-        opts["seed"] = args.seed
+        opts["seed"] = 0 if args.seed is None else args.seed
     if args.name in ("census-kdd", "kuairand"):
         opts["tasks"] = args.tasks
     elif args.tasks is not None:
@@ -329,6 +374,21 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="csrec: the task-mask term of Eq. 6: loss_r = sigmoid(ln loss) (as written) or loss")
     g.add_argument("--csrec-analysis-every", type=int, default=None, metavar="N",
                    help="record the sharing and conflict ratios every N steps")
+    g = p.add_argument_group("task-gradient combination: PMTRec and the gradient baselines")
+    g.add_argument("--grad-combiner", choices=GRAD_COMBINERS, default=None,
+                   help="ew: the summed loss; pmtrec: per-row pooling of the embedding-row gradients; the others: "
+                        "torchjd's aggregators over the batch's embedding rows and over the dense parameters")
+    g.add_argument("--pmtrec-main-task", default=None, metavar="TASK",
+                   help="pmtrec: the main task (task focusing); default: the first task")
+    g.add_argument("--pmtrec-alpha", type=float, default=None, metavar="ALPHA",
+                   help="pmtrec: task-focusing base, the main task's norms x ALPHA^epoch (1: focusing off)")
+    g.add_argument("--pmtrec-tau", type=float, default=None, metavar="TAU",
+                   help="pmtrec: softmax temperature of gradient magnitude balancing (1: balancing off)")
+    g.add_argument("--grad-stats", choices=GRAD_STATS, default=None,
+                   help="row statistics over the global batch (rows exchanged between ranks) or each rank's own")
+    g.add_argument("--cagrad-c", type=float, default=None, metavar="C", help="cagrad: ball radius c")
+    g.add_argument("--nash-max-norm", type=float, default=None, metavar="N",
+                   help="nash_mtl: clip the combined gradient's norm (0: no clipping)")
     _config_defaults(p)
     p.set_defaults(func=_cmd_train)
 
@@ -339,6 +399,8 @@ _MODEL_FLAGS = ("embedding_dim", "expert_layer_sizes", "tower_layer_sizes", "bot
                 "sluice_num_subspaces")
 _CSREC_FLAGS = ("warmup_steps", "prune_round_steps", "prune_rate", "min_sparsity", "prune_rounds", "contrastive",
                 "reverse_ratio", "mode", "task_term", "analysis_every")
+_GRAD_FLAGS = {"grad_combiner": "combiner", "pmtrec_main_task": "main_task", "pmtrec_alpha": "alpha",
+               "pmtrec_tau": "tau", "grad_stats": "stats", "cagrad_c": "cagrad_c", "nash_max_norm": "nash_max_norm"}
 _OPTIM_FLAGS = ("sparse_optimizer", "sparse_lr", "dense_optimizer", "dense_lr", "grad_clip_norm", "lr_warmup_steps",
                 "lr_schedule", "lr_min_ratio")
 _TRAIN_FLAGS = ("epochs", "steps", "batch_size", "eval_every", "log_every", "seed", "shuffle_block_rows", "shuffle_buffer_rows",
@@ -371,6 +433,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     csrec_kw = {k: getattr(args, "csrec_" + k) for k in _CSREC_FLAGS if getattr(args, "csrec_" + k) is not None}
     if args.csrec_no_contrastive:
         csrec_kw["contrastive_loss"] = False
+    grad_kw = {k: getattr(args, flag) for flag, k in _GRAD_FLAGS.items() if getattr(args, flag) is not None}
     per_table = dict(cfg.sharding.per_table)
     for item in args.table_sharding:
         if "=" not in item:
@@ -396,6 +459,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         sharding=sharding,
         loss=loss,
         csrec=dataclasses.replace(cfg.csrec, **csrec_kw),
+        grad=dataclasses.replace(cfg.grad, **grad_kw),
         **train_kw,
     )
 

@@ -275,6 +275,55 @@ class CSRecConfig:
                  self.task_term, "--csrec-task-term")
 
 
+GRAD_COMBINERS: tuple[str, ...] = (
+    "ew", "pmtrec", "graddrop", "pcgrad", "gradvac", "cagrad", "aligned_mtl", "nash_mtl", "rlw",
+)
+GRAD_STATS: tuple[str, ...] = ("global", "local")
+
+
+@dataclass(frozen=True)
+class GradConfig:
+    """How the task gradients are combined in each step (``--grad-combiner``).
+
+    Args:
+        combiner: ``ew`` (the summed loss: one ordinary backward), ``pmtrec`` (PMTRec's per-row
+            pooling of the embedding-row gradients, Alg. 1) or a gradient baseline from
+            ``torchjd`` (``graddrop``, ``pcgrad``, ``gradvac``, ``cagrad``, ``aligned_mtl``,
+            ``nash_mtl``, ``rlw``), applied once to the embedding rows of the batch and once to
+            the dense parameters.
+        main_task: PMTRec's main task (task focusing multiplies its row norms by ``α^s``);
+            None: the schema's first task.
+        alpha: PMTRec's task-focusing base ``α`` (Eq. 4); 1 turns task focusing off.
+        tau: PMTRec's softmax temperature ``τ`` (Eq. 5); 1 turns magnitude balancing off.
+        stats: ``global``: row statistics over the global batch (the per-task row gradients are
+            exchanged between ranks, as if one process trained on every rank's rows);
+            ``local``: over each rank's own batch (no exchange).
+        cagrad_c: CAGrad's ball radius ``c``.
+        nash_max_norm: Nash-MTL's clipping of the combined gradient's norm (0: none).
+    """
+
+    combiner: str = "ew"
+    main_task: str | None = None
+    alpha: float = 1.1
+    tau: float = 0.1
+    stats: str = "global"
+    cagrad_c: float = 0.5
+    nash_max_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(self.combiner in GRAD_COMBINERS, "grad.combiner", f"one of {', '.join(GRAD_COMBINERS)}",
+                 self.combiner, "--grad-combiner")
+        _require(_finite(self.alpha) and self.alpha > 0, "grad.alpha", "a finite number > 0", self.alpha,
+                 "--pmtrec-alpha")
+        _require(_finite(self.tau) and self.tau > 0, "grad.tau", "a finite number > 0", self.tau, "--pmtrec-tau")
+        _require(self.stats in GRAD_STATS, "grad.stats", f"one of {', '.join(GRAD_STATS)}", self.stats,
+                 "--grad-stats")
+        _require(_finite(self.cagrad_c) and self.cagrad_c >= 0, "grad.cagrad_c", "a finite number >= 0",
+                 self.cagrad_c, "--cagrad-c")
+        _require(_finite(self.nash_max_norm) and self.nash_max_norm >= 0, "grad.nash_max_norm",
+                 "a finite number >= 0", self.nash_max_norm, "--nash-max-norm")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """One training run.
@@ -342,6 +391,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     csrec: CSRecConfig = field(default_factory=CSRecConfig)
+    grad: GradConfig = field(default_factory=GradConfig)
 
     def __post_init__(self) -> None:
         _require(_positive_int(self.batch_size), "batch_size", "a positive integer", self.batch_size)
@@ -401,8 +451,9 @@ def train_config_from_dict(d: dict[str, Any]) -> TrainConfig:
     optim = _build(OptimConfig, d.pop("optim", {}), "optim")
     loss = _build(LossConfig, d.pop("loss", {}), "loss")
     csrec = _build(CSRecConfig, d.pop("csrec", {}), "csrec")
+    grad = _build(GradConfig, d.pop("grad", {}), "grad")
     cfg = _build(TrainConfig, d, "train")
-    return dataclasses.replace(cfg, model=model, sharding=sharding, optim=optim, loss=loss, csrec=csrec)
+    return dataclasses.replace(cfg, model=model, sharding=sharding, optim=optim, loss=loss, csrec=csrec, grad=grad)
 
 
 # ---- presets -------------------------------------------------------------------------------

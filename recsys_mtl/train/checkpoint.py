@@ -551,7 +551,8 @@ def checkpoint_run_info(cfg: Any, schema: Any) -> dict:
             "optim": dataclasses.asdict(cfg.optim), "loss": dataclasses.asdict(loss) if loss is not None else {},
             "batch_size": cfg.batch_size,
             "train": {k: _plain(getattr(cfg, k)) for k in RESUME_SETTINGS if hasattr(cfg, k)
-                      and (k != "csrec" or cfg.model.name in MASKED_SHARING_MODELS)},
+                      and (k != "csrec" or cfg.model.name in MASKED_SHARING_MODELS)
+                      and (k != "grad" or cfg.grad.combiner != "ew")},
             "allow_new_settings": bool(getattr(cfg, "resume_with_new_settings", False))}
 
 
@@ -560,8 +561,10 @@ def _plain(value: Any) -> Any:
 
 
 # Run settings a resume must not change silently (the learning rates and clipping live in "optim").
-# (``csrec``, the masked-sharing schedule, only for the models it applies to.)
-RESUME_SETTINGS = ("steps", "epochs", "seed", "shuffle", "shuffle_block_rows", "shuffle_buffer_rows", "csrec")
+# (``csrec``, the masked-sharing schedule, only for the models it applies to; ``grad``, the
+# task-gradient combiner, only when it is not the plain summed loss.)
+RESUME_SETTINGS = ("steps", "epochs", "seed", "shuffle", "shuffle_block_rows", "shuffle_buffer_rows", "csrec",
+                   "grad")
 
 
 def preflight(cfg: Any) -> Path | None:

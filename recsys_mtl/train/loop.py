@@ -50,7 +50,10 @@ from recsys_mtl.train.masked_sharing import (
     is_masked_sharing,
     optimizer_steps,
 )
+from recsys_mtl.train.grad_combiners import STATE_MODULE as COMBINER_STATE
+from recsys_mtl.train.grad_combiners import CombinerState, main_task_index, make_combiner
 from recsys_mtl.train.losses import MultiTaskLoss
+from recsys_mtl.train.row_grads import CombinedGradStep
 from recsys_mtl.train.task import MTLTrainModule
 from recsys_mtl.types import MTLBatch
 
@@ -284,6 +287,9 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step: Callable[[int, torch.Tensor]
     masked = is_masked_sharing(model.model)
     if masked:  # the masked-sharing procedure's state rides in the state dict (checkpointed)
         setattr(model, STATE_MODULE, MaskState(model.model))
+    check_grad_combiner(cfg, schema)
+    if cfg.grad.combiner != "ew":  # the combiner's step counter and aggregator state: checkpointed
+        setattr(model, COMBINER_STATE, CombinerState(len(schema.tasks)))
     dmp, plan = shard_model(
         model, cfg.sharding, cfg.optim, device=env.device, world_size=env.world_size,
         local_world_size=env.local_world_size, batch_size=cfg.batch_size,
@@ -322,6 +328,10 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step: Callable[[int, torch.Tensor]
         pipeline = procedure.pipeline(env.device)
     else:
         pipeline = PIPELINES[cfg.pipeline](dmp, optimizer, env.device)
+    combiner_state: CombinerState | None = getattr(dmp.module, COMBINER_STATE, None)
+    if combiner_state is not None:  # --grad-combiner: the train module's step combines the task gradients
+        combiner = make_combiner(cfg.grad, schema.task_names, cfg.seed, combiner_state)
+        dmp.module.grad_step = CombinedGradStep(dmp.module, combiner, schema, cfg.grad.stats)
     loss_fn = dmp.module.loss  # its loss-weight schedule advances per step / epoch
     # Fail before the compute: the eval split's values are checked now, not after the last step.
     validate_split(cfg, schema, env, "eval")
@@ -354,6 +364,9 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step: Callable[[int, torch.Tensor]
         if cfg.steps is not None and steps >= cfg.steps:
             break
         skip = position.epoch_batches if epoch == position.epoch else 0
+        if combiner_state is not None:  # PMTRec's task focusing: α^s with s the epoch
+            with torch.no_grad():
+                combiner_state.epoch.fill_(epoch)
         loader = make_dataloader(cfg.data, "train", batch_size=cfg.batch_size, rank=env.rank,
                                  world_size=env.world_size, num_workers=cfg.num_workers, shuffle=cfg.shuffle,
                                  epoch=epoch, seed=cfg.seed, shuffle_block_rows=cfg.shuffle_block_rows,
@@ -642,6 +655,19 @@ def check_schedules(cfg: TrainConfig, world_size: int) -> None:
     lr_stages(cfg.optim, total)
     if cfg.keep_best is not None:
         check_spec(cfg.keep_best, schema.task_names)
+    check_grad_combiner(cfg, schema)
+
+
+def check_grad_combiner(cfg: TrainConfig, schema: Schema) -> None:
+    """Raises ``ValueError`` (naming the flags) for a ``--grad-combiner`` the run cannot use."""
+    if cfg.grad.combiner == "ew":
+        return
+    if cfg.model.name in MASKED_SHARING_MODELS:
+        raise ValueError(f"--grad-combiner {cfg.grad.combiner} cannot train {cfg.model.name}: the masked-sharing "
+                         f"models run their own per-task steps; use --grad-combiner ew")
+    if cfg.model.name == "aitm":
+        raise ValueError("--grad-combiner: aitm's calibrator loss is not a task loss; use --grad-combiner ew")
+    main_task_index(cfg.grad, schema.task_names)
 
 
 def _model_saver(cfg: TrainConfig, env: DistEnv, schema: Schema, plan, directory: Path) -> Checkpointer:

@@ -6,6 +6,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torchrec.fx.tracer import is_fx_tracing
 
 from recsys_mtl.train.losses import MultiTaskLoss
 from recsys_mtl.types import MTLBatch
@@ -50,6 +51,10 @@ class MTLTrainModule(nn.Module):
         # A training procedure may replace the loss for its steps (CSRec's contrastive loss):
         # objective(logits, labels, mask) -> scalar loss; forward then returns (loss, None).
         self.objective: Callable[[dict, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+        # A gradient combiner's step (--grad-combiner, recsys_mtl.train.row_grads.CombinedGradStep):
+        # grad_step(self, batch, labels, mask) -> (surrogate loss, output); its backward applies the
+        # combined task gradients.
+        self.grad_step: Callable | None = None
 
     def forward(
         self, batch: MTLBatch
@@ -57,6 +62,9 @@ class MTLTrainModule(nn.Module):
         labels, mask = batch.labels, batch.label_mask
         if self._targets_hook:  # e.g. ESMM: entire-space funnel labels
             labels, mask = self.model.training_targets(labels, mask)
+        # (Not while TorchRec's pipeline traces the forward to find the sharded modules' inputs.)
+        if self.grad_step is not None and self.training and not _tracing(batch):
+            return self.grad_step(self, batch, labels, mask)
         logits = self.model(batch.dense, batch.sparse)
         if self.objective is not None and self.training:  # a procedure's step (evaluation: the usual output)
             return self.objective(logits, labels, mask), None
@@ -65,3 +73,8 @@ class MTLTrainModule(nn.Module):
             total = total + self.model.auxiliary_loss(logits)
         stacked = torch.stack([logits[t] for t in self.task_names], dim=1)  # B x T
         return total, (total.detach(), stacked.detach(), labels, mask)
+
+
+def _tracing(batch: object) -> bool:
+    """True while torch.fx (or TorchRec's pipeline, to find the sharded modules' inputs) traces."""
+    return is_fx_tracing() or isinstance(batch, torch.fx.Proxy) or torch.fx._symbolic_trace.is_fx_tracing()

@@ -14,6 +14,11 @@ Converters (module docstrings give the raw format, tasks, features and split rul
 * ``ali-ccp`` — :class:`~recsys_mtl.data.convert.ali_ccp.AliCCP`
 * ``kuairand`` — :class:`~recsys_mtl.data.convert.kuairand.KuaiRand`
 * ``icme2019`` — :class:`~recsys_mtl.data.convert.icme2019.ICME2019`
+
+``ciao`` and ``epinions`` (:func:`~recsys_mtl.data.convert.trust.convert_trust`) are not streaming
+sources: their ``.mat`` files are loaded whole and written in the "interactions" layout
+(``train``/``eval``/``test`` interactions plus ``side/`` trust and item-category tables; see
+:mod:`recsys_mtl.data.convert.trust`).
 """
 
 from __future__ import annotations
@@ -26,9 +31,11 @@ from recsys_mtl.data.convert.census import CensusKDD
 from recsys_mtl.data.convert.common import ConvertError, Source, run_conversion
 from recsys_mtl.data.convert.icme2019 import ICME2019
 from recsys_mtl.data.convert.kuairand import KuaiRand
+from recsys_mtl.data.convert.trust import TRUST_DATASETS, convert_trust
 from recsys_mtl.data.schema import Schema
 
-__all__ = ["CONVERTERS", "ConvertError", "convert", "AliCCP", "CensusKDD", "ICME2019", "KuaiRand"]
+__all__ = ["CONVERTERS", "ConvertError", "convert", "AliCCP", "CensusKDD", "ICME2019", "KuaiRand",
+           "TRUST_DATASETS", "convert_trust"]
 
 CONVERTERS: dict[str, type[Source]] = {
     "census-kdd": CensusKDD,
@@ -52,7 +59,9 @@ def convert(
     """Converts raw files of dataset ``name`` into ``out_dir``; returns the written schema.
 
     Args:
-        name (str): ``census-kdd``, ``ali-ccp``, ``kuairand`` or ``icme2019``.
+        name (str): ``census-kdd``, ``ali-ccp``, ``kuairand`` or ``icme2019``; ``ciao`` and
+            ``epinions`` go to :func:`convert_trust` with ``**options`` (``seed``, ``split``,
+            ``core``, ``overwrite``, ``quiet``) and ignore the streaming options.
         inputs (Sequence[str | Path]): the raw files (``.gz`` allowed).
         out_dir (str | Path): dataset directory to write.
         min_count (int): values seen fewer times in the train rows map to id 0.
@@ -73,8 +82,10 @@ def convert(
         >>> s.task_names, s.user_id_feature, s.feature("uid").num_embeddings
         (['finish', 'like'], 'uid', 21)
     """
+    if name in TRUST_DATASETS:  # whole-file .mat releases, not a streaming Source
+        return convert_trust(name, inputs, out_dir, **options)
     if name not in CONVERTERS:
-        raise ConvertError(f"unknown dataset {name!r}; choose from {sorted(CONVERTERS)}")
+        raise ConvertError(f"unknown dataset {name!r}; choose from {sorted([*CONVERTERS, *TRUST_DATASETS])}")
     source = CONVERTERS[name](inputs, **options)
     return run_conversion(source, out_dir, min_count=min_count, rows_per_file=rows_per_file,
                           row_group_size=row_group_size, progress=progress)
