@@ -350,6 +350,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--cross-stitch-self-weight", type=float, default=None,
                    help="cross_stitch/sluice: initial diagonal of the alpha mixing matrices")
     g.add_argument("--sluice-num-subspaces", type=int, default=None, help="sluice: subspaces per layer")
+    g.add_argument("--graph-layers", type=int, default=None, metavar="K",
+                   help="lightgcn: propagation layers 0-3 over the train interactions (0: mf); ngcf: 1")
+    g.add_argument("--graph-max-neighbours", type=int, default=None, metavar="N",
+                   help="lightgcn: keep the N largest weights per row of the propagation matrix (0: exact)")
     g = p.add_argument_group("masked sharing (sparse_sharing, csrec, ml_csrec): warm-up, pruning, multi-task phase")
     g.add_argument("--csrec-warmup-steps", type=int, default=None, metavar="N",
                    help="joint training of the dense shared bottom first")
@@ -396,7 +400,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 _MODEL_FLAGS = ("embedding_dim", "expert_layer_sizes", "tower_layer_sizes", "bottom_layer_sizes",
                 "gate_layer_sizes", "num_experts", "num_task_experts", "num_shared_experts", "num_levels",
                 "stem_gate_input", "stem_specific_fields", "asymmetric_fusion", "cross_stitch_self_weight",
-                "sluice_num_subspaces")
+                "sluice_num_subspaces", "graph_layers", "graph_max_neighbours")
 _CSREC_FLAGS = ("warmup_steps", "prune_round_steps", "prune_rate", "min_sparsity", "prune_rounds", "contrastive",
                 "reverse_ratio", "mode", "task_term", "analysis_every")
 _GRAD_FLAGS = {"grad_combiner": "combiner", "pmtrec_main_task": "main_task", "pmtrec_alpha": "alpha",
@@ -552,15 +556,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as e:
         print(f"recsys-mtl train: error: {e}", file=sys.stderr)
         return 2
+    from recsys_mtl.data.interactions import check_interactions, is_interactions
     from recsys_mtl.data.reader import check_dataset
-    from recsys_mtl.data.schema import SchemaError
+    from recsys_mtl.data.schema import Schema, SchemaError
 
     from recsys_mtl.train.checkpoint import CheckpointError, preflight
     from recsys_mtl.train.locks import LockError
     from recsys_mtl.train.loop import check_schedules
 
     try:
-        check_dataset(cfg.data)  # footers and column types only: fails fast, before any rank starts
+        if is_interactions(Schema.load(cfg.data)):
+            check_interactions(cfg.data)  # pairs in range, side tables present
+        else:
+            check_dataset(cfg.data)  # footers and column types only: fails fast, before any rank starts
         preflight(cfg)  # the newest checkpoint's meta.json must fit this dataset and model
         world = (int(os.environ.get("WORLD_SIZE", "1")) if _inside_launcher()
                  else (args.nproc_per_node or 1) * args.nnodes)
@@ -646,64 +654,104 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "compare", help="train models x seeds on one dataset and tabulate them",
         formatter_class=_HelpFormatter,
-        description="Trains every model for every seed (sharded, on --nproc-per-node local ranks or "
-                    "the torchx/torchrun job it runs in) and writes OUT/results.csv, OUT/results.md "
-                    "(mean ± std, MTL gain vs single_task, #params) and OUT/results.png. Arguments after "
-                    "'--' are `recsys-mtl train` flags applied to every run, e.g. -- --epochs 2 --batch-size 512.",
+        description="Trains every --models label for every seed (and every --sweep value), sharded, on "
+                    "--nproc-per-node local ranks or the torchx/torchrun job it runs in, and writes "
+                    "OUT/results.csv (every metric), OUT/results.md (mean ± std of the headline metrics, MTL "
+                    "gain vs single_task, Imp vs MODEL/ew, #params), OUT/results.png and, with --sweep, "
+                    "OUT/sweep_PARAM.md/.png. Arguments after '--' are `recsys-mtl train` flags applied to "
+                    "every run, e.g. -- --epochs 2 --batch-size 512.",
     )
     p.add_argument("--data", required=True)
-    p.add_argument("--models", required=True,
-                   help="comma-separated model names, and the ablations csrec_at (CSRec(AT)) and csrec_cl (CSRec(CL))")
+    p.add_argument("--models", required=True, metavar="LABELS",
+                   help="comma-separated labels: MODEL (a model name, or the ablations csrec_at (CSRec(AT)) and "
+                        "csrec_cl (CSRec(CL))); MODEL/COMBINER to train it with that --grad-combiner (mmoe/pcgrad); "
+                        "MODEL/pmtrec_no_focus (alpha = 1) and MODEL/pmtrec_no_balance (tau = 1), the PMTRec "
+                        "ablations; MODEL/main_only: the main task alone (other tasks' loss weights 0)")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..K-1 per model")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--nproc-per-node", type=int, default=None, help="start this many local ranks")
     p.add_argument("--no-single-task", action="store_true",
                    help="do not add the single_task baseline (then no MTL gain is reported)")
+    p.add_argument("--sweep", action="append", default=None, metavar="PARAM=V1,V2,...",
+                   help="train every label at every value of one gradient-combiner parameter: "
+                        "pmtrec-alpha, pmtrec-tau, cagrad-c or nash-max-norm (e.g. pmtrec-tau=10,1,0.1,0.01); "
+                        "writes OUT/sweep_PARAM.md and .png")
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="-- followed by `recsys-mtl train` flags")
     p.set_defaults(func=_cmd_compare)
 
 
 def _compare_entry(payload: dict) -> None:
-    from recsys_mtl.compare import compare
+    from recsys_mtl.compare import Sweep, compare
 
-    compare(train_config_from_dict(payload["config"]), payload["models"], payload["seeds"])
+    compare(train_config_from_dict(payload["config"]), payload["models"], payload["seeds"],
+            Sweep.from_dict(payload.get("sweep")))
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    from recsys_mtl.compare import VARIANTS
+    from recsys_mtl.compare import Sweep, check_labels, run_specs
 
-    unknown = [m for m in models if m not in MODEL_NAMES and m not in VARIANTS]
-    if unknown:
-        print(f"recsys-mtl compare: error: unknown models {unknown}; choose from {', '.join(MODEL_NAMES)} "
-              f"or the ablations {', '.join(VARIANTS)}", file=sys.stderr)
+    def refuse(message: str) -> int:
+        print(f"recsys-mtl compare: error: {message}", file=sys.stderr)
         return 2
+
+    try:
+        check_labels(models)
+    except ValueError as e:
+        return refuse(str(e))
     if args.seeds <= 0:
-        print(f"recsys-mtl compare: error: --seeds must be a positive integer, got {args.seeds}", file=sys.stderr)
-        return 2
+        return refuse(f"--seeds must be a positive integer, got {args.seeds}")
     if args.nproc_per_node is not None and args.nproc_per_node <= 0:
-        print(f"recsys-mtl compare: error: --nproc-per-node must be a positive integer, got {args.nproc_per_node}",
-              file=sys.stderr)
-        return 2
+        return refuse(f"--nproc-per-node must be a positive integer, got {args.nproc_per_node}")
     if not models:
-        print("recsys-mtl compare: error: --models names no model", file=sys.stderr)
-        return 2
-    if not args.no_single_task and "single_task" not in models:
+        return refuse("--models names no model")
+    if args.sweep is not None and len(args.sweep) > 1:
+        return refuse(f"one --sweep per comparison, got {len(args.sweep)}: {', '.join(args.sweep)}")
+    try:
+        sweep = Sweep.parse(args.sweep[0]) if args.sweep else None
+    except ValueError as e:
+        return refuse(str(e))
+    from recsys_mtl.data.interactions import is_interactions, load_training_schema
+    from recsys_mtl.data.schema import Schema, SchemaError
+
+    try:
+        pairs = is_interactions(Schema.load(args.data))
+    except (SchemaError, OSError) as e:
+        return refuse(str(e))
+    # (interaction datasets have no single-task model: their baseline is MODEL/main_only)
+    if not args.no_single_task and "single_task" not in models and not pairs:
         models.insert(0, "single_task")
     extra = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
     owned = [a for a in extra if a.split("=", 1)[0] in ("--data", "--output-dir", "--model", "--seed",
                                                         "--nproc-per-node")]
     if owned:
-        print(f"recsys-mtl compare: error: {owned[0].split('=', 1)[0]} after '--' is set by compare itself "
-              f"(use compare's own --data/--output-dir/--models/--seeds/--nproc-per-node)", file=sys.stderr)
-        return 2
+        return refuse(f"{owned[0].split('=', 1)[0]} after '--' is set by compare itself "
+                      f"(use compare's own --data/--output-dir/--models/--seeds/--nproc-per-node)")
+    swept = [a for a in extra if sweep is not None and a.split("=", 1)[0] == f"--{sweep.param}"]
+    if swept:
+        return refuse(f"--{sweep.param} after '--' is set by --sweep {sweep.param}")
     train_args = build_parser().parse_args(["train", "--data", args.data, "--output-dir", args.output_dir, *extra])
     try:
         cfg = config_from_args(train_args)
+        if sweep is not None:
+            sweep.check(models, cfg)
     except (ValueError, TypeError) as e:
-        print(f"recsys-mtl compare: error: {e}", file=sys.stderr)
-        return 2
-    payload = {"config": cfg.to_dict(), "models": models, "seeds": args.seeds}
+        return refuse(str(e))
+    from recsys_mtl.train.loop import check_grad_combiner, check_model_data
+
+    try:
+        schema = load_training_schema(args.data, cfg.model)
+        specs = run_specs(cfg, models, 1, sweep, schema.task_names)
+    except (SchemaError, OSError, ValueError) as e:
+        return refuse(str(e))
+    for spec in specs:  # every run's combiner must fit its model and the dataset: refused before any training
+        try:
+            check_grad_combiner(spec.config, schema)
+            check_model_data(spec.config, schema)
+        except ValueError as e:
+            return refuse(f"{spec.label}: {e}")
+    payload = {"config": cfg.to_dict(), "models": models, "seeds": args.seeds,
+               "sweep": sweep.to_dict() if sweep is not None else None}
     if _inside_launcher() or not args.nproc_per_node:
         _compare_entry(payload)
         return 0

@@ -32,15 +32,21 @@ def _positive_int(x: Any) -> bool:
 MODEL_NAMES: tuple[str, ...] = (
     "single_task", "shared_bottom", "omoe", "mmoe", "cgc", "ple", "stem", "ml_mmoe", "esmm", "aitm", "me_mmoe",
     "me_ple", "asymmetric_sharing", "customized_sharing", "cross_stitch", "sluice", "sparse_sharing", "csrec",
-    "ml_csrec",
+    "ml_csrec", "mf", "lightgcn", "ngcf",
 )
+# Models of interaction datasets (user–item pairs, pairwise tasks, full-ranking evaluation).
+PAIR_MODELS: tuple[str, ...] = ("mf", "lightgcn", "ngcf")
+# Pair models whose representations propagate over the train interaction graph (weighted bags).
+GRAPH_MODELS: tuple[str, ...] = ("lightgcn", "ngcf")
+MAX_GRAPH_LAYERS = 3
 SPARSE_OPTIMIZERS: tuple[str, ...] = ("sgd", "adagrad", "rowwise_adagrad", "adam", "partial_rowwise_adam", "lamb")
 DENSE_OPTIMIZERS: tuple[str, ...] = ("adam", "adagrad", "sgd")
 SHARDING_TYPES: tuple[str, ...] = ("table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel")
 STEM_SPECIFIC_FIELDS = ("all", "user", "item", "none")
 LR_SCHEDULES: tuple[str, ...] = ("constant", "linear")
 # keep_best metrics and whether larger is better; "TASK/METRIC" or the mean over tasks "METRIC".
-BEST_METRICS: dict[str, bool] = {"auc": True, "logloss": False, "ne": False, "mse": False}
+BEST_METRICS: dict[str, bool] = {"auc": True, "logloss": False, "ne": False, "mse": False,
+                                 **{f"{m}@{k}": True for m in ("recall", "ndcg", "hit") for k in (5, 10, 20, 40)}}
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,12 @@ class ModelConfig:
             task's: ``concat``, ``sum`` or ``mean``.
         cross_stitch_self_weight: initial diagonal of the cross-stitch / sluice ``α`` (1 = separate columns).
         sluice_num_subspaces: subspaces per layer of a sluice network.
+        graph_layers: propagation layers ``K`` of the graph encoders over the train interactions:
+            LightGCN ``0..3`` (0: MF as weighted bags); NGCF exactly 1 (a deeper NGCF layer needs
+            every neighbour's own previous-layer state, not a bag of table rows).
+        graph_max_neighbours: LightGCN: keep the N largest weights of each row of the propagation
+            matrix ``Σ_k α_k Â^k`` (an approximation that bounds the bags of ``K >= 2``); 0: exact.
+            NGCF's one-hop bags are always exact (the setting is ignored there).
     """
 
     name: str = "stem"
@@ -87,6 +99,8 @@ class ModelConfig:
     asymmetric_fusion: str = "concat"
     cross_stitch_self_weight: float = 0.9
     sluice_num_subspaces: int = 2
+    graph_layers: int = 1
+    graph_max_neighbours: int = 0
 
     def __post_init__(self) -> None:
         _require(self.name in MODEL_NAMES, "model.name", f"one of {', '.join(MODEL_NAMES)}", self.name, "--model")
@@ -100,6 +114,17 @@ class ModelConfig:
                  "an integer >= 0", self.num_task_experts)
         _require(_finite(self.cross_stitch_self_weight), "model.cross_stitch_self_weight", "a finite number",
                  self.cross_stitch_self_weight)
+        layers = self.graph_layers
+        _require(isinstance(layers, int) and not isinstance(layers, bool) and 0 <= layers <= MAX_GRAPH_LAYERS,
+                 "model.graph_layers", f"an integer in [0, {MAX_GRAPH_LAYERS}]", layers)
+        _require(isinstance(self.graph_max_neighbours, int) and not isinstance(self.graph_max_neighbours, bool)
+                 and self.graph_max_neighbours >= 0, "model.graph_max_neighbours", "an integer >= 0 (0: exact)",
+                 self.graph_max_neighbours)
+        if self.name == "ngcf" and layers != 1:
+            why = ("a second NGCF layer needs every neighbour's own layer-1 state (a nonlinear function of its "
+                   "neighbourhood), which is not a weighted bag of layer-0 table rows" if layers > 1
+                   else "ngcf has one propagation layer (without propagation use mf)")
+            raise ValueError(f"model.graph_layers (--graph-layers) must be 1 for ngcf, got {layers}: {why}")
 
 
 @dataclass(frozen=True)

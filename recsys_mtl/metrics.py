@@ -95,7 +95,7 @@ class MTLMetrics:
 
 def format_table(metrics: dict[str, dict[str, float]]) -> str:
     """A plain-text table: one row per task."""
-    cols = ["auc", "gauc", "logloss", "ne", "mse"]
+    cols = ["auc", "gauc", "logloss", "ne", "mse", "recall@20", "ndcg@20", "hit@20", "recall@40", "ndcg@40"]
     used = [c for c in cols if any(c in m for m in metrics.values())]
     width = max(len("task"), *(len(t) for t in metrics))
     lines = ["task".ljust(width) + "".join(c.rjust(10) for c in used)]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -47,3 +50,25 @@ def tiny_batch(schema: Schema, batch_size: int = 8, seed: int = 0) -> MTLBatch:
         labels=torch.randint(0, 2, (batch_size, t), generator=g).float(),
         label_mask=torch.ones(batch_size, t, dtype=torch.bool),
     )
+
+
+def write_trust_release(d: str | Path, seed: int = 0, users: int = 40, items: int = 60, groups: int = 4) -> tuple[Path, Path]:
+    """A planted Ciao-format release (``rating.mat``, ``trustnetwork.mat``) in ``d``: users and items
+    in ``groups`` groups, users rate mostly their group's items (12 ratings each), trust mostly
+    within the group (some users trust nobody), an item's category is its group."""
+    import scipy.io
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(1, users + 1):
+        g = u % groups
+        for _ in range(12):
+            i = int(rng.integers(0, items // groups)) * groups + (g if rng.random() < 0.85 else int(rng.integers(groups)))
+            rows.append([u, i + 1, (i % groups) + 1, int(rng.integers(1, 6)), 1])
+    trust = [[u, v] for u in range(1, users + 1) for v in range(1, users + 1)
+             if u != v and u % groups == v % groups and rng.random() < 0.4 and u % 7]
+    d = Path(d)
+    d.mkdir(parents=True, exist_ok=True)
+    scipy.io.savemat(d / "rating.mat", {"rating": np.array(rows, np.int32)})
+    scipy.io.savemat(d / "trustnetwork.mat", {"trustnetwork": np.array(trust, np.uint16)})
+    return d / "rating.mat", d / "trustnetwork.mat"

@@ -77,12 +77,14 @@ def make_optimizer(model: nn.Module, optim: OptimConfig, total_steps: int | None
         raise ValueError(f"unknown dense optimizer {optim.dense_optimizer!r}; choose from {', '.join(DENSE_OPTIMIZERS)}")
     make = DENSE_OPTIMIZERS[optim.dense_optimizer]
     dense_params = dict(in_backward_optimizer_filter(model.named_parameters(), include=False))
+    stages = lr_stages(optim, total_steps)
+    fused = getattr(model, "fused_optimizer", None)
+    if not dense_params and fused is not None:  # nothing but fused tables (matrix factorisation)
+        return CombinedOptimizer([("sparse", _scheduled(fused, stages, optim.sparse_lr))])
     dense: KeyedOptimizer = KeyedOptimizerWrapper(dense_params, lambda ps: make(ps, optim.dense_lr))
     if optim.grad_clip_norm is not None:
         dense = GradientClippingOptimizer(dense, clipping=GradientClipping.NORM, max_gradient=optim.grad_clip_norm)
-    stages = lr_stages(optim, total_steps)
     dense = _scheduled(dense, stages, optim.dense_lr)
-    fused = getattr(model, "fused_optimizer", None)
     if fused is None:  # every table data-parallel: the dense optimizer's keys, unprefixed
         return CombinedOptimizer([dense])
     return CombinedOptimizer([("sparse", _scheduled(fused, stages, optim.sparse_lr)), ("dense", dense)])

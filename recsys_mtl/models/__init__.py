@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from recsys_mtl.config import MODEL_NAMES, ModelConfig
 from recsys_mtl.data.schema import Schema
@@ -18,9 +19,12 @@ from recsys_mtl.models.aitm import AITM
 from recsys_mtl.models.cross_stitch import CrossStitch
 from recsys_mtl.models.csrec import CSRec, MLCSRec
 from recsys_mtl.models.esmm import ESMM
+from recsys_mtl.models.lightgcn import LightGCN
+from recsys_mtl.models.mf import MatrixFactorization, pair_tables
 from recsys_mtl.models.ml_mmoe import MLMMoE
 from recsys_mtl.models.mmoe import MMoE, OMoE
 from recsys_mtl.models.multi_embedding import MEMMoE, MEPLE
+from recsys_mtl.models.ngcf import NGCF
 from recsys_mtl.models.ple import CGC, PLE
 from recsys_mtl.models.ple_sharing import AsymmetricSharing, CustomizedSharing
 from recsys_mtl.models.shared_bottom import SharedBottom, SingleTask
@@ -31,7 +35,8 @@ from recsys_mtl.modules.embeddings import build_ebc
 
 __all__ = ["MMoE", "OMoE", "CGC", "PLE", "SharedBottom", "SingleTask", "STEMNet", "MODELS", "build_model",
            "stem_specific_features", "MLMMoE", "ESMM", "AITM", "MEMMoE", "MEPLE", "AsymmetricSharing",
-           "CustomizedSharing", "CrossStitch", "Sluice", "SparseSharing", "CSRec", "MLCSRec"]
+           "CustomizedSharing", "CrossStitch", "Sluice", "SparseSharing", "CSRec", "MLCSRec", "MatrixFactorization",
+           "LightGCN", "NGCF"]
 
 
 def stem_specific_features(schema: Schema, spec: str) -> list[str]:
@@ -158,6 +163,42 @@ def _ml_csrec(s: Schema, c: ModelConfig, dev: torch.device) -> nn.Module:
                    c.bottom_layer_sizes, c.tower_layer_sizes)
 
 
+def _mf(s: Schema, c: ModelConfig, dev: torch.device) -> nn.Module:
+    tables = _pair_tables(s)
+    sizes = {"user_emb": s.feature("user").num_embeddings, "item_emb": s.feature("item").num_embeddings}
+    return MatrixFactorization(pair_tables(tables, sizes, c.embedding_dim, device=dev), s.task_names)
+
+
+def _graph_tables(s: Schema, c: ModelConfig, dev: torch.device) -> EmbeddingBagCollection:
+    """MF's tables (:func:`pair_tables`: Xavier uniform) over the graph encoder's bag features,
+    weighted (per-id weights in the KJT, SUM pooling)."""
+    graph = s.metadata.get("graph") or {}
+    if graph.get("encoder") != c.name:
+        raise ValueError(f"{c.name} needs the training schema of its weighted bags "
+                         f"(load_training_schema(dataset, model=config)); this schema is built for "
+                         f"{graph.get('encoder') or 'single-valued roles (mf)'}")
+    tables = _pair_tables(s)
+    sizes = {t: s.feature(names[0]).num_embeddings for t, names in tables.items() if names}  # rows per table
+    configs = pair_tables(tables, sizes, c.embedding_dim, device=torch.device("meta")).embedding_bag_configs()
+    return EmbeddingBagCollection(tables=configs, is_weighted=True, device=dev)
+
+
+def _lightgcn(s: Schema, c: ModelConfig, dev: torch.device) -> nn.Module:
+    return LightGCN(_graph_tables(s, c, dev), s.task_names)
+
+
+def _ngcf(s: Schema, c: ModelConfig, dev: torch.device) -> nn.Module:
+    return NGCF(_graph_tables(s, c, dev), s.task_names, c.embedding_dim)
+
+
+def _pair_tables(s: Schema) -> dict[str, list[str]]:
+    tables = s.metadata.get("tables")
+    if not tables:
+        raise ValueError("mf trains on interaction datasets (recsys-mtl data convert ciao|epinions): this dataset's "
+                         "schema has no user/item role tables")
+    return tables
+
+
 MODELS: dict[str, Callable[[Schema, ModelConfig, torch.device], nn.Module]] = {
     "single_task": _single_task,
     "shared_bottom": _shared_bottom,
@@ -178,6 +219,9 @@ MODELS: dict[str, Callable[[Schema, ModelConfig, torch.device], nn.Module]] = {
     "sparse_sharing": _sparse_sharing,
     "csrec": _csrec,
     "ml_csrec": _ml_csrec,
+    "mf": _mf,
+    "lightgcn": _lightgcn,
+    "ngcf": _ngcf,
 }
 
 

@@ -577,14 +577,14 @@ def preflight(cfg: Any) -> Path | None:
     """
     if not getattr(cfg, "checkpoint_dir", None):
         return None
-    from recsys_mtl.data.schema import Schema
+    from recsys_mtl.data.interactions import load_training_schema
 
     for path in list_checkpoints(cfg.checkpoint_dir):
         try:
             meta = CheckpointMeta.read(path)
         except (OSError, ValueError, TypeError):
             continue  # corrupt: the ranks skip it with a warning
-        check_compatible(meta, path, checkpoint_run_info(cfg, Schema.load(cfg.data)), plan=None,
+        check_compatible(meta, path, checkpoint_run_info(cfg, load_training_schema(cfg.data, cfg.model)), plan=None,
                          world_size=meta.world_size)
         return path
     return None

@@ -28,8 +28,9 @@ from tqdm import tqdm
 from torchrec.distributed.train_pipeline import TrainPipelineBase, TrainPipelineSparseDist
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recsys_mtl.config import MASKED_SHARING_MODELS, TrainConfig
+from recsys_mtl.config import MASKED_SHARING_MODELS, PAIR_MODELS, TrainConfig
 from recsys_mtl.data.reader import DataError, count_rows, make_dataloader, steps_per_epoch
+from recsys_mtl.data.interactions import is_interactions, load_training_schema, make_interaction_loader
 from recsys_mtl.data.schema import Schema
 from recsys_mtl.distributed.env import DistEnv, control_group, init_distributed
 from recsys_mtl.distributed.optim import lr_stages, make_optimizer
@@ -53,6 +54,7 @@ from recsys_mtl.train.masked_sharing import (
 from recsys_mtl.train.grad_combiners import STATE_MODULE as COMBINER_STATE
 from recsys_mtl.train.grad_combiners import CombinerState, main_task_index, make_combiner
 from recsys_mtl.train.losses import MultiTaskLoss
+from recsys_mtl.train.pair_eval import evaluate_pairs
 from recsys_mtl.train.row_grads import CombinedGradStep
 from recsys_mtl.train.task import MTLTrainModule
 from recsys_mtl.types import MTLBatch
@@ -142,12 +144,14 @@ def global_sum(value: int, group: dist.ProcessGroup | None) -> int:
 
 
 def empty_batch(schema: Schema, batch_size: int) -> MTLBatch:
-    """``batch_size`` rows with no ids, zero dense values and labels, and an all-False mask."""
+    """``batch_size`` rows with no ids, zero dense values and labels, and an all-False mask (a
+    weighted schema's KJT carries an empty weights tensor)."""
     t = len(schema.tasks)
     kjt = KeyedJaggedTensor(
         keys=schema.sparse_names,
         values=torch.zeros(0, dtype=torch.long),
         lengths=torch.zeros(batch_size * len(schema.sparse), dtype=torch.int32),
+        weights=torch.zeros(0) if schema.metadata.get("weighted") else None,
     )
     return MTLBatch(
         dense=torch.zeros(batch_size, len(schema.dense)),
@@ -167,7 +171,8 @@ def pad_batch(batch: MTLBatch, batch_size: int) -> MTLBatch:
     keys = kjt.keys()
     lengths = kjt.lengths().view(len(keys), n)  # F x n
     lengths = torch.cat([lengths, torch.zeros(len(keys), pad, dtype=lengths.dtype)], dim=1)  # F x B
-    sparse = KeyedJaggedTensor(keys=keys, values=kjt.values(), lengths=lengths.reshape(-1))
+    sparse = KeyedJaggedTensor(keys=keys, values=kjt.values(), lengths=lengths.reshape(-1),
+                               weights=kjt.weights_or_none())  # the padded bags are empty: same weights
     t = batch.labels.shape[1]
     return MTLBatch(
         dense=torch.cat([batch.dense, torch.zeros(pad, batch.dense.shape[1], dtype=batch.dense.dtype)]),
@@ -179,9 +184,15 @@ def pad_batch(batch: MTLBatch, batch_size: int) -> MTLBatch:
 
 def evaluate(
     model: nn.Module, cfg: TrainConfig, schema: Schema, env: DistEnv, collector: EvalCollector | None = None,
+    split: str = "eval",
 ) -> dict[str, dict[str, float]]:
     """Runs the sharded model over the eval split (every rank its share) and returns per-task
-    metrics. With a ``collector`` it also keeps every eval row's predictions and gate weights."""
+    metrics. With a ``collector`` it also keeps every eval row's predictions and gate weights.
+    Interaction datasets: full-ranking metrics of the main task on ``split`` (``eval`` or ``test``)."""
+    if is_interactions(schema):
+        tm = model.module if hasattr(model, "module") else model
+        return evaluate_pairs(tm.model, cfg.data, schema, split=split, rank=env.rank, world_size=env.world_size,
+                              group=control_group(env), device=env.device)
     metrics = MTLMetrics(schema.tasks, batch_size=cfg.batch_size, world_size=env.world_size, rank=env.rank,
                          device=env.device)
     loader = make_dataloader(cfg.data, "eval", batch_size=cfg.batch_size, rank=env.rank,
@@ -277,7 +288,7 @@ def lock_run_dirs(cfg: TrainConfig, env: DistEnv) -> list[DirLock]:
 
 def _train(cfg: TrainConfig, env: DistEnv, on_step: Callable[[int, torch.Tensor], None] | None) -> dict | None:
     torch.manual_seed(cfg.seed)
-    schema = Schema.load(cfg.data)
+    schema = load_training_schema(cfg.data, cfg.model)
     out_dir = Path(cfg.output_dir)
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -288,6 +299,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step: Callable[[int, torch.Tensor]
     if masked:  # the masked-sharing procedure's state rides in the state dict (checkpointed)
         setattr(model, STATE_MODULE, MaskState(model.model))
     check_grad_combiner(cfg, schema)
+    check_model_data(cfg, schema)
     if cfg.grad.combiner != "ew":  # the combiner's step counter and aggregator state: checkpointed
         setattr(model, COMBINER_STATE, CombinerState(len(schema.tasks)))
     dmp, plan = shard_model(
@@ -334,7 +346,8 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step: Callable[[int, torch.Tensor]
         dmp.module.grad_step = CombinedGradStep(dmp.module, combiner, schema, cfg.grad.stats)
     loss_fn = dmp.module.loss  # its loss-weight schedule advances per step / epoch
     # Fail before the compute: the eval split's values are checked now, not after the last step.
-    validate_split(cfg, schema, env, "eval")
+    if not is_interactions(schema):  # (interaction datasets are checked when loaded)
+        validate_split(cfg, schema, env, "eval")
     guard = FiniteLossGuard(env.device)
     best = None
     if cfg.keep_best is not None:
@@ -367,10 +380,15 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step: Callable[[int, torch.Tensor]
         if combiner_state is not None:  # PMTRec's task focusing: α^s with s the epoch
             with torch.no_grad():
                 combiner_state.epoch.fill_(epoch)
-        loader = make_dataloader(cfg.data, "train", batch_size=cfg.batch_size, rank=env.rank,
-                                 world_size=env.world_size, num_workers=cfg.num_workers, shuffle=cfg.shuffle,
-                                 epoch=epoch, seed=cfg.seed, shuffle_block_rows=cfg.shuffle_block_rows,
-                                 shuffle_buffer_rows=cfg.shuffle_buffer_rows, start_batch=skip)
+        if is_interactions(schema):  # pairs sampled per batch
+            loader = make_interaction_loader(cfg.data, schema, batch_size=cfg.batch_size, rank=env.rank,
+                                             world_size=env.world_size, seed=cfg.seed, epoch=epoch,
+                                             shuffle=cfg.shuffle, start_batch=skip)
+        else:
+            loader = make_dataloader(cfg.data, "train", batch_size=cfg.batch_size, rank=env.rank,
+                                     world_size=env.world_size, num_workers=cfg.num_workers, shuffle=cfg.shuffle,
+                                     epoch=epoch, seed=cfg.seed, shuffle_block_rows=cfg.shuffle_block_rows,
+                                     shuffle_buffer_rows=cfg.shuffle_buffer_rows, start_batch=skip)
         epoch_steps = loader.dataset.steps_per_epoch()  # the same on every rank, from the footers
         num_steps = epoch_steps - skip
         if cfg.steps is not None:
@@ -459,8 +477,10 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step: Callable[[int, torch.Tensor]
     if procedure is not None:
         procedure.cleanup()
 
-    collector = EvalCollector(schema) if cfg.eval_outputs else None
+    pairs = is_interactions(schema)
+    collector = EvalCollector(schema) if cfg.eval_outputs and not pairs else None
     final = _eval_detached(pipeline, dmp, cfg, schema, env, collector)
+    test = _eval_detached(pipeline, dmp, cfg, schema, env, split="test") if pairs else None
     if collector is not None:
         gathered = collector.gather(env.rank, env.world_size)
         if gathered is not None:  # rank 0: gAUC, eval_predictions.parquet, expert utilisation
@@ -472,6 +492,7 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step: Callable[[int, torch.Tensor]
         "steps": steps,
         "samples_per_s": samples / max(train_time, 1e-9),
         "tasks": final,
+        **({"test": test} if test is not None else {}),
         "train_rows": count_rows(cfg.data, "train"),
         "rows_seen": rows_seen,
         "history": history,
@@ -649,13 +670,25 @@ def check_schedules(cfg: TrainConfig, world_size: int) -> None:
     schedule or its masked-sharing schedule, or ``--keep-best`` names an unknown task: checked
     before any rank starts."""
     total = run_steps(cfg, world_size)
-    schema = Schema.load(cfg.data)
+    schema = load_training_schema(cfg.data, cfg.model)
     if cfg.model.name in MASKED_SHARING_MODELS:
         MaskSchedule(cfg.csrec, len(schema.tasks), total)
     lr_stages(cfg.optim, total)
     if cfg.keep_best is not None:
         check_spec(cfg.keep_best, schema.task_names)
     check_grad_combiner(cfg, schema)
+    check_model_data(cfg, schema)
+
+
+def check_model_data(cfg: TrainConfig, schema: Schema) -> None:
+    """Raises ``ValueError`` when the model does not train on this kind of dataset."""
+    pairs = is_interactions(schema)
+    if pairs and cfg.model.name not in PAIR_MODELS:
+        raise ValueError(f"--model {cfg.model.name} trains on feature rows with labels; this is an interaction "
+                         f"dataset (user-item pairs): use one of {', '.join(PAIR_MODELS)}")
+    if not pairs and cfg.model.name in PAIR_MODELS:
+        raise ValueError(f"--model {cfg.model.name} trains on interaction datasets (recsys-mtl data convert "
+                         f"ciao|epinions); {cfg.data} has labelled feature rows")
 
 
 def check_grad_combiner(cfg: TrainConfig, schema: Schema) -> None:
@@ -678,13 +711,13 @@ def _model_saver(cfg: TrainConfig, env: DistEnv, schema: Schema, plan, directory
 
 
 def _eval_detached(pipeline, dmp: nn.Module, cfg: TrainConfig, schema: Schema, env: DistEnv,
-                   collector: EvalCollector | None = None):
+                   collector: EvalCollector | None = None, split: str = "eval"):
     # The pipeline rewrote the sharded modules' forwards to consume its prefetched inputs;
     # detach restores them for a plain forward over the eval data, attach re-installs them
     # (in-flight training batches are kept, so no sample is skipped).
     model = pipeline.detach() if hasattr(pipeline, "detach") else dmp
     try:
-        return evaluate(model, cfg, schema, env, collector)
+        return evaluate(model, cfg, schema, env, collector, split)
     finally:
         if hasattr(pipeline, "attach"):
             pipeline.attach(model)

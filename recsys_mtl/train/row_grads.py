@@ -9,7 +9,8 @@ training loop (docs/design.md §5.3). Inside the train module's forward, per bat
 2. **Per-task gradients.** ``T`` ``autograd.grad`` passes from the task losses ``w_t L_t`` to the
    leaves and the dense parameters (nothing reaches the tables yet).
 3. **Rows.** Every id occurrence (position) of the batch gets its per-task gradient
-   (``c_p · ∂L_t/∂pooled[b, f]``, ``c_p`` = 1 for sum pooling, ``1/len`` for mean) and a row key
+   (``c_p · ∂L_t/∂pooled[b, f]``, ``c_p`` = 1 for sum pooling, ``1/len`` for mean, the id's
+   weight ``w_p`` for a weighted module, whose output is ``Σ_p w_p e_{r_p}``) and a row key
    (table offset + id; tables shared by several features share keys). Per embedding width:
    ``T x N x D`` positions, summed per unique row into ``T x U x D``. With ``stats="global"``
    the unique rows and their sums are all-gathered, so every rank sees the per-task row
@@ -21,7 +22,7 @@ training loop (docs/design.md §5.3). Inside the train module's forward, per bat
    Dense parameters: summed (PMTRec) or aggregated (baselines).
 5. **Hand back, one backward.** The step returns a surrogate loss whose gradient is exactly the
    combination: ``Σ ⟨pooled, G⟩`` for the tables (single-valued features: ``G`` at the pooled
-   output, through the step's own lookup), or, for modules with multi-hot features, ``⟨lookup
+   output, through the step's own lookup), or, for modules with multi-hot or weighted features, ``⟨lookup
    of the unique rows, X⟩`` through a second lookup of the batch's unique rows as one-id bags
    (a bag's pooled gradient cannot carry a different weight per row of the bag); and
    ``Σ ⟨θ, g_θ⟩`` for the dense parameters. The pipeline's single ``loss.backward()`` is then
@@ -109,10 +110,17 @@ class EmbeddingCapture:
                     self.features[(i, f)] = _Feature(i, cfg.name, base, cfg.embedding_dim,
                                                      cfg.pooling == PoolingType.MEAN)
                 base += cfg.num_embeddings
+        # Weighted modules (per-id weights in the KJT, SUM pooling only): c_p is the id's weight.
+        self.weighted = [bool(getattr(m, "_is_weighted", False)) for m in self.modules]
+        for (i, f), feat in self.features.items():
+            if self.weighted[i] and feat.mean:
+                raise ValueError(f"gradient combination: feature {f!r} is weighted with mean pooling; weighted "
+                                 f"features need sum pooling")
         multi = {f.name for f in schema.sparse if f.multi_hot}
         # A module whose features are all single-valued takes its combined gradient at its own
-        # pooled output; one with a multi-hot feature needs the unique-row lookup.
-        self.inject = [any(f in multi for (i, f) in self.features if i == k) for k in range(len(self.modules))]
+        # pooled output; one with a multi-hot feature (or per-id weights) needs the unique-row lookup.
+        self.inject = [self.weighted[k] or any(f in multi for (i, f) in self.features if i == k)
+                       for k in range(len(self.modules))]
         self.active = False
         self.records: list[_Record] = []
         self._handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.modules)]
@@ -125,8 +133,8 @@ class EmbeddingCapture:
             kjt = args[0] if args else None
             if not isinstance(kjt, KeyedJaggedTensor):
                 raise TypeError("gradient combination needs embedding modules called with a KeyedJaggedTensor")
-            if kjt.weights_or_none() is not None:
-                raise ValueError("gradient combination does not support weighted (per-id weight) features")
+            if self.weighted[index] and kjt.weights_or_none() is None:
+                raise ValueError("gradient combination: a weighted embedding module was called without weights")
             values = kt.values()  # B x ΣD
             leaf = values.detach().requires_grad_(True)
             lengths = kt.length_per_key()
@@ -151,15 +159,17 @@ class EmbeddingCapture:
 
 @dataclasses.dataclass
 class _Slice:
-    """One feature of one record inside a width group's concatenated positions."""
+    """Positions of one record inside a width group's concatenated positions: one feature
+    (``bag``/``coef`` per position), or a block of ``features`` single-valued features whose every
+    bag holds exactly one id (``bag`` None: position ``f * B + b`` is sample ``b`` of feature ``f``)."""
 
     record: int
-    feature: str
     start: int
     stop: int
-    bag: torch.Tensor  # N_f: the bag (sample) of every position
-    coef: torch.Tensor  # N_f: c_p
-    column: int  # the feature's first column in the record's pooled output
+    column: int  # first column in the record's pooled output
+    bag: torch.Tensor | None = None  # N_f: the bag (sample) of every position
+    coef: torch.Tensor | None = None  # N_f: c_p (None: all 1)
+    features: int = 1
 
 
 @dataclasses.dataclass
@@ -171,6 +181,12 @@ class _Group:
     grads: list[torch.Tensor] = dataclasses.field(default_factory=list)  # T x N_f x D each
     slices: list[_Slice] = dataclasses.field(default_factory=list)
     size: int = 0
+
+    def add(self, keys: torch.Tensor, grads: torch.Tensor, sl: _Slice) -> None:
+        self.keys.append(keys)
+        self.grads.append(grads)
+        self.slices.append(sl)
+        self.size = sl.stop
 
 
 class CombinedGradStep:
@@ -216,7 +232,7 @@ class CombinedGradStep:
         for k, lt in enumerate(losses):
             g = torch.autograd.grad(lt, inputs, retain_graph=k < len(losses) - 1, allow_unused=True)
             per_task.append([torch.zeros_like(x) if gi is None else gi for gi, x in zip(g, inputs)])
-        leaf_grads = [torch.stack([pt[i] for pt in per_task]) for i in range(len(leaves))]  # T x B x ΣD each
+        leaf_grads = [[pt[i] for pt in per_task] for i in range(len(leaves))]  # per leaf: T of B x ΣD
         dense_grads = [[pt[len(leaves) + j] for pt in per_task] for j in range(len(self.dense))]
 
         surrogate = self._rows(records, leaf_grads) + self._dense(dense_grads, total)
@@ -226,23 +242,42 @@ class CombinedGradStep:
 
     # ---- embedding rows ----------------------------------------------------------------------------
 
-    def _groups(self, records: list[_Record], leaf_grads: list[torch.Tensor]) -> dict[int, _Group]:
+    def _groups(self, records: list[_Record], leaf_grads: list[list[torch.Tensor]]) -> dict[int, _Group]:
         groups: dict[int, _Group] = {}
         for ri, rec in enumerate(records):
             per_feature = rec.kjt.to_dict()
-            for key, col in zip(rec.keys, rec.offsets):
-                feat = self.capture.features[(rec.module, key)]
-                jt = per_feature[key]
+            feats = [self.capture.features[(rec.module, k)] for k in rec.keys]
+            jts = [per_feature[k] for k in rec.keys]
+            per_task = leaf_grads[ri]  # T of B x ΣD
+            T, (B, width) = len(per_task), per_task[0].shape
+            dims = {f.dim for f in feats}
+            weighted = self.capture.weighted[rec.module]
+            if len(dims) == 1 and not weighted and all(bool((jt.lengths() == 1).all()) for jt in jts):
+                # Every bag holds one id (single-valued features, no empty bag): positions are the
+                # bags, in feature-major order; one copy of the gradients, no gather.
+                dim = feats[0].dim
+                grp = groups.setdefault(dim, _Group(dim))
+                keys = torch.cat([jt.values().long() + f.base for jt, f in zip(jts, feats)])  # F·B
+                grads = per_task[0].new_empty(T, len(feats), B, dim)  # T x F x B x D: one copy per task
+                for t, g in enumerate(per_task):
+                    grads[t].copy_(g.view(B, len(feats), dim).transpose(0, 1))
+                grads = grads.view(T, -1, dim)  # T x F·B x D
+                grp.add(keys, grads, _Slice(ri, grp.size, grp.size + keys.numel(), rec.offsets[0],
+                                            features=len(feats)))
+                continue
+            for key, col, feat, jt in zip(rec.keys, rec.offsets, feats, jts):
                 ids, lengths = jt.values(), jt.lengths().long()  # N_f, B
                 bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=ids.device), lengths)  # N_f
-                coef = (1.0 / lengths.clamp_min(1).to(leaf_grads[ri].dtype))[bag] if feat.mean else \
-                    torch.ones(bag.numel(), dtype=leaf_grads[ri].dtype, device=ids.device)  # N_f
-                g = leaf_grads[ri][:, bag, col:col + feat.dim] * coef[None, :, None]  # T x N_f x D
+                g = torch.stack([gt[bag, col:col + feat.dim] for gt in per_task])  # T x N_f x D
+                coef = None
+                if weighted:  # pooled = Σ_p w_p e_p: c_p = w_p
+                    coef = jt.weights().to(g.dtype)  # N_f
+                    g = g * coef[None, :, None]
+                elif feat.mean:
+                    coef = (1.0 / lengths.clamp_min(1).to(g.dtype))[bag]  # N_f
+                    g = g * coef[None, :, None]
                 grp = groups.setdefault(feat.dim, _Group(feat.dim))
-                grp.keys.append(ids.long() + feat.base)
-                grp.grads.append(g)
-                grp.slices.append(_Slice(ri, key, grp.size, grp.size + bag.numel(), bag, coef, col))
-                grp.size += bag.numel()
+                grp.add(ids.long() + feat.base, g, _Slice(ri, grp.size, grp.size + bag.numel(), col, bag, coef))
         return groups
 
     def _exchange(self, keys: torch.Tensor, sums: torch.Tensor):
@@ -272,7 +307,7 @@ class CombinedGradStep:
         local = torch.searchsorted(gkeys, keys)  # U
         return gkeys, gsums, owner, local
 
-    def _rows(self, records: list[_Record], leaf_grads: list[torch.Tensor]) -> torch.Tensor:
+    def _rows(self, records: list[_Record], leaf_grads: list[list[torch.Tensor]]) -> torch.Tensor:
         T = self.combiner.T
         groups = self._groups(records, leaf_grads)
         distributed = self.stats == "global" and self.world > 1
@@ -280,8 +315,8 @@ class CombinedGradStep:
         prepared = []  # per group: (group, keys N, grads T x N x D, uniq U, inv N, extra)
         for dim in sorted(groups):
             grp = groups[dim]
-            keys = torch.cat(grp.keys)  # N
-            grads = torch.cat(grp.grads, dim=1)  # T x N x D
+            keys = grp.keys[0] if len(grp.keys) == 1 else torch.cat(grp.keys)  # N
+            grads = grp.grads[0] if len(grp.grads) == 1 else torch.cat(grp.grads, dim=1)  # T x N x D
             uniq, inv = torch.unique(keys, return_inverse=True)  # U, N
             prepared.append((grp, grads, uniq, inv))
 
@@ -289,6 +324,10 @@ class CombinedGradStep:
         row_jac = []  # per group: T x U' x D (U' = global or local rows)
         exch = []
         for grp, grads, uniq, inv in prepared:
+            if self.combiner.per_row and not distributed:  # the op sums the rows itself
+                exch.append(None)
+                row_jac.append(None)
+                continue
             sums = grads.new_zeros(uniq.numel(), T * grp.dim)
             sums.index_add_(0, inv, grads.permute(1, 0, 2).reshape(-1, T * grp.dim))  # U x (T·D)
             if distributed:
@@ -330,19 +369,33 @@ class CombinedGradStep:
                 position_out.append(pos)
 
         # Hand back: the pooled output (single-valued modules) or a lookup of the unique rows.
-        pooled_grad = [torch.zeros_like(r.values) for r in records]  # B x ΣD each
+        pooled_grad: list[torch.Tensor | None] = [None] * len(records)  # B x ΣD each
         inject: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for (grp, grads, uniq, inv), pos, rows in zip(prepared, position_out, row_out):
             for sl in grp.slices:
                 rec = records[sl.record]
                 if self.capture.inject[rec.module]:
                     continue
-                part = pos[sl.start:sl.stop] / sl.coef[:, None]  # N_f x D (pooling divides by c_p again)
-                pooled_grad[sl.record][:, sl.column:sl.column + grp.dim].index_add_(0, sl.bag, part)
+                part = pos[sl.start:sl.stop]  # N_f x D
+                b, width = rec.values.shape
+                if sl.bag is None and sl.features * grp.dim == width:  # a whole record of one-id bags
+                    pooled_grad[sl.record] = part.view(sl.features, b, grp.dim).transpose(0, 1).reshape(b, width)
+                    continue
+                if pooled_grad[sl.record] is None:
+                    pooled_grad[sl.record] = torch.zeros_like(rec.values)
+                target = pooled_grad[sl.record]
+                if sl.bag is None:
+                    target[:, sl.column:sl.column + sl.features * grp.dim] = (
+                        part.view(sl.features, b, grp.dim).transpose(0, 1).reshape(b, -1))
+                else:
+                    if sl.coef is not None:  # pooling multiplies by c_p again
+                        part = part / sl.coef[:, None]
+                    target[:, sl.column:sl.column + grp.dim].index_add_(0, sl.bag, part)
             for m in range(len(self.capture.modules)):
                 if self.capture.inject[m]:
                     inject.setdefault(m, []).append((uniq, rows))
-        surrogate = sum((r.values * g).sum() for r, g in zip(records, pooled_grad) if not self.capture.inject[r.module])
+        surrogate = sum((r.values * g).sum() for r, g in zip(records, pooled_grad)
+                        if g is not None and not self.capture.inject[r.module])
         for m, parts in inject.items():
             surrogate = surrogate + self._inject(m, records, parts)
         return surrogate
@@ -379,7 +432,9 @@ class CombinedGradStep:
             lengths[j, : counts[k]] = 1
         values = torch.cat([torch.cat(ids_per_key[k]) if ids_per_key[k] else
                             torch.zeros(0, dtype=torch.long, device=device) for k in keys])
-        kjt = KeyedJaggedTensor(keys=keys, values=values, lengths=lengths.reshape(-1))
+        weights = (torch.ones(values.numel(), device=device, dtype=rec.kjt.weights().dtype)
+                   if self.capture.weighted[m] else None)  # one-id bags of weight 1: the rows themselves
+        kjt = KeyedJaggedTensor(keys=keys, values=values, lengths=lengths.reshape(-1), weights=weights)
         with _plain_input_dist(module):  # the class's forward: not the pipeline's rewritten one
             out = type(module).forward(module, kjt)
         kt = out.wait() if isinstance(out, Awaitable) else out

@@ -77,4 +77,4 @@ class MTLTrainModule(nn.Module):
 
 def _tracing(batch: object) -> bool:
     """True while torch.fx (or TorchRec's pipeline, to find the sharded modules' inputs) traces."""
-    return is_fx_tracing() or isinstance(batch, torch.fx.Proxy) or torch.fx._symbolic_trace.is_fx_tracing()
+    return is_fx_tracing() or isinstance(batch, torch.fx.Proxy) or torch.fx._symbolic_trace.is_fx_symbolic_tracing()

@@ -53,6 +53,10 @@ def _refused(capsys, argv: list[str]) -> str:
     (["--model", "csrec", "--steps", "50"], "the masked-sharing schedule needs more than 700 steps"),
     (["--model", "csrec", "--csrec-prune-rate", "1.5"], "--csrec-prune-rate) must be in (0, 1)"),
     (["--model", "csrec", "--csrec-reverse-ratio", "-1"], "--csrec-reverse-ratio) must be in [0, 1]"),
+    (["--grad-combiner", "pmtrec", "--pmtrec-tau", "0"], "--pmtrec-tau) must be a finite number > 0"),
+    (["--grad-combiner", "pmtrec", "--pmtrec-main-task", "nope"], "--pmtrec-main-task) 'nope' is not a task"),
+    (["--model", "csrec", "--grad-combiner", "pcgrad", "--steps", "2000"], "cannot train csrec"),
+    (["--model", "mf"], "--model mf trains on interaction datasets"),
 ])
 def test_train_flags_out_of_range(capsys, data, tmp_path, flags, expected):
     err = _refused(capsys, ["train", "--data", str(data), "--output-dir", str(tmp_path / "out"), *flags])
