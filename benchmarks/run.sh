@@ -4,12 +4,13 @@
 #   bash benchmarks/run.sh w2 [OUT.json]   # STEM-Net vs plain PyTorch (~12 GiB for the peer)
 #   bash benchmarks/run.sh plans [OUT.json] # default sharding plan vs each sharding type, 2 gloo ranks
 #   bash benchmarks/run.sh masked-matmul [OUT.json] # fused masked linear + CSRec step vs naive masking
+#   bash benchmarks/run.sh row-grad-pool [OUT.json] # PMTRec's pooling + step vs Alg. 1 as written and EW
 #                                             (WIDE_ROWS=N: 3 of its 32 tables get N rows)
 # Needs the bench extra (installed by scripts/setup.sh). With 2 cores, any other process turns the
 # 2-thread OpenMP regions into many-fold slowdowns, so it first waits for idle CPUs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-WORKLOAD="${1:?usage: benchmarks/run.sh w1|w2|plans|masked-matmul [OUT.json]}"
+WORKLOAD="${1:?usage: benchmarks/run.sh w1|w2|plans|masked-matmul|row-grad-pool [OUT.json]}"
 OUT="${2:-benchmarks/results/$WORKLOAD.json}"
 STEPS="${STEPS:-40}"
 WARMUP="${WARMUP:-5}"
@@ -32,6 +33,10 @@ if [ "$WORKLOAD" = w2 ]; then
 fi
 if [ "$WORKLOAD" = masked-matmul ]; then  # the fused masked linear op and a CSRec step vs the naive ones
     .venv/bin/recsys-mtl bench masked-matmul --output "$OUT" --steps "${STEPS}" --warmup "$WARMUP"
+    exit 0
+fi
+if [ "$WORKLOAD" = row-grad-pool ]; then  # PMTRec: fused pooling and step vs Alg. 1 as written, vs EW
+    .venv/bin/recsys-mtl bench row-grad-pool --output "$OUT" --steps "${STEPS}" --warmup "$WARMUP"
     exit 0
 fi
 if [ "$WORKLOAD" = plans ]; then  # no peers: the default sharding plan vs each sharding type, 2 ranks

@@ -767,11 +767,13 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="training throughput on a docs/design.md §7 workload, optionally vs peers",
                        formatter_class=_HelpFormatter)
-    p.add_argument("workload", choices=["w1", "w2", "plans", "masked-matmul"],
+    p.add_argument("workload", choices=["w1", "w2", "plans", "masked-matmul", "row-grad-pool"],
                    help="w1, w2: vs peers; plans: the default sharding plan vs every sharding type on 32 small "
                         "Census-Income tables, PLE, 2 local gloo ranks; masked-matmul: the fused masked linear "
                         "op vs per-subnet dense masking, one layer fwd+bwd (JSON to "
-                        "benchmarks/results/masked_matmul.json unless --output)")
+                        "benchmarks/results/masked_matmul.json unless --output); row-grad-pool: PMTRec's pooling "
+                        "and step vs Algorithm 1 as written and vs an EW step, MF at Epinions scale (JSON to "
+                        "benchmarks/results/row_grad_pool.json unless --output)")
     p.add_argument("--peers", action="store_true",
                    help="also run the peers: plain PyTorch and torch-rechub (w1), plain PyTorch only "
                         "(w2: torch-rechub has no STEM-Net); plans has no peers")
@@ -785,6 +787,16 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.workload == "row-grad-pool":
+        from recsys_mtl.bench.row_grad_pool import BATCH, DEFAULT_OUTPUT, run_row_grad_pool_bench
+
+        try:
+            run_row_grad_pool_bench(steps=args.steps, warmup=args.warmup, batch_size=args.batch_size or BATCH,
+                                    output=args.output or DEFAULT_OUTPUT)
+        except ValueError as e:
+            print(f"recsys-mtl bench: error: {e}", file=sys.stderr)
+            return 2
+        return 0
     if args.workload == "masked-matmul":
         from recsys_mtl.bench.masked_matmul import BATCH_SIZES, DEFAULT_OUTPUT, run_masked_matmul_bench
 

@@ -38,14 +38,13 @@ The op has a fake (meta) kernel and an autograd formula, so it works under ``tor
 
 from __future__ import annotations
 
-import contextlib
-import os
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch.library import custom_op
 
+from recsys_mtl.ops._impl import ImplChoice
 from recsys_mtl.ops.pytorch.masked_matmul import masked_linear_reference, pack_masks, unpack_masks
 
 __all__ = ["masked_linear", "pack_masks", "unpack_masks", "masked_linear_reference", "CHUNK_BYTES", "IMPL_ENV"]
@@ -54,7 +53,6 @@ IMPL_ENV = "RECSYS_MTL_MASKED_LINEAR_IMPL"
 CHUNK_BYTES = 64 << 20
 """Largest unpacked mask chunk (``S' x N x K`` in the weight dtype) the PyTorch path builds at once."""
 
-_forced_impl: str | None = None
 _LUTS: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
 
@@ -85,25 +83,9 @@ def masked_linear(
     return torch.ops.recsys_mtl.masked_linear(x, weight, bias, packed_masks)
 
 
-@contextlib.contextmanager
-def _force_impl(impl: str | None) -> Iterator[None]:
-    """Within the block every call takes ``impl`` (``"triton"`` or ``"torch"``) whatever the device
-    (tests run the Triton kernels on CPU under ``TRITON_INTERPRET=1`` this way)."""
-    global _forced_impl
-    if impl not in (None, "triton", "torch"):
-        raise ValueError(f"impl must be 'triton', 'torch' or None, got {impl!r}")
-    before, _forced_impl = _forced_impl, impl
-    try:
-        yield
-    finally:
-        _forced_impl = before
-
-
-def _use_triton(t: torch.Tensor) -> bool:
-    impl = _forced_impl or os.environ.get(IMPL_ENV) or ("triton" if t.device.type == "cuda" else "torch")
-    if impl not in ("triton", "torch"):
-        raise ValueError(f"{IMPL_ENV} must be 'triton' or 'torch', got {impl!r}")
-    return impl == "triton"
+_IMPL = ImplChoice(IMPL_ENV)
+_force_impl = _IMPL.force  # with _force_impl("triton"): ... (tests, benchmarks)
+_use_triton = _IMPL.use_triton
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor) -> None:

@@ -40,13 +40,12 @@ The op is **not differentiable**: its inputs are gradients already, and it has n
 
 from __future__ import annotations
 
-import contextlib
-import os
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 from torch.library import custom_op
 
+from recsys_mtl.ops._impl import ImplChoice
 from recsys_mtl.ops.pytorch.row_grad_pool import (
     check_row_grad_pool_args,
     check_row_grad_pool_values,
@@ -57,7 +56,6 @@ __all__ = ["row_grad_pool", "row_grad_pool_reference", "IMPL_ENV"]
 
 IMPL_ENV = "RECSYS_MTL_ROW_GRAD_POOL_IMPL"
 
-_forced_impl: str | None = None
 
 
 def row_grad_pool(
@@ -128,24 +126,9 @@ def row_grad_pool(
     return torch.ops.recsys_mtl.row_grad_pool(grads, rows, num_rows, focus, tau, task_mask, norms, check)
 
 
-@contextlib.contextmanager
-def _force_impl(impl: str | None) -> Iterator[None]:
-    """Within the block every call takes ``impl`` (``"triton"`` or ``"torch"``) whatever the device."""
-    global _forced_impl
-    if impl not in (None, "triton", "torch"):
-        raise ValueError(f"impl must be 'triton', 'torch' or None, got {impl!r}")
-    before, _forced_impl = _forced_impl, impl
-    try:
-        yield
-    finally:
-        _forced_impl = before
-
-
-def _use_triton(t: torch.Tensor) -> bool:
-    impl = _forced_impl or os.environ.get(IMPL_ENV) or ("triton" if t.device.type == "cuda" else "torch")
-    if impl not in ("triton", "torch"):
-        raise ValueError(f"{IMPL_ENV} must be 'triton' or 'torch', got {impl!r}")
-    return impl == "triton"
+_IMPL = ImplChoice(IMPL_ENV)
+_force_impl = _IMPL.force  # with _force_impl("triton"): ... (tests, benchmarks)
+_use_triton = _IMPL.use_triton
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:

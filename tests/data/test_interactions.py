@@ -5,13 +5,13 @@ evaluation against a brute-force computation; an end-to-end 2-rank run with PMTR
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from ranking_check import assert_matches_brute_force
 from recsys_mtl.config import ModelConfig
 from recsys_mtl.data.convert.trust import convert_trust
 from recsys_mtl.data.interactions import (
@@ -97,21 +97,6 @@ def test_mf_logits_are_score_differences(dataset: Path) -> None:
     torch.testing.assert_close(out["category"], want)
 
 
-def _brute_force(scores: np.ndarray, held: dict, known: dict, k: int) -> tuple[float, float, float]:
-    rec, ndcg, hit, n = 0.0, 0.0, 0.0, 0
-    for u, items in held.items():
-        s = scores[u].copy()
-        s[list(known.get(u, ()))] = -np.inf
-        order = sorted(range(s.size), key=lambda j: (-s[j], j))[:k]
-        hits = [j in items for j in order]
-        rec += sum(hits) / len(items)
-        ndcg += sum(h / math.log2(r + 2) for r, h in enumerate(hits)) / sum(1 / math.log2(r + 2)
-                                                                         for r in range(min(len(items), k)))
-        hit += any(hits)
-        n += 1
-    return rec / n, ndcg / n, hit / n
-
-
 @pytest.mark.parametrize("split", ["eval", "test"])
 def test_full_ranking_evaluation_is_brute_force(dataset: Path, split: str) -> None:
     s = load_training_schema(dataset)
@@ -121,19 +106,7 @@ def test_full_ranking_evaluation_is_brute_force(dataset: Path, split: str) -> No
     got = evaluate_pairs(model, str(dataset), s, split=split, batch_users=7)["rec"]
     ue = model.ebc.embedding_bags["user_emb"].weight.detach().numpy()
     ie = model.ebc.embedding_bags["item_emb"].weight.detach().numpy()
-    scores = ue @ ie.T
-    held, known = {}, {}
-    for u, i in zip(*data.splits[split]):
-        held.setdefault(int(u), set()).add(int(i))
-    for sp in ["train"] + (["eval"] if split == "test" else []):
-        for u, i in zip(*data.splits[sp]):
-            known.setdefault(int(u), set()).add(int(i))
-    for k in (5, 20):
-        r, n, h = _brute_force(scores, held, known, k)
-        assert got[f"recall@{k}"] == pytest.approx(r, abs=1e-6)
-        assert got[f"ndcg@{k}"] == pytest.approx(n, abs=1e-6)
-        assert got[f"hit@{k}"] == pytest.approx(h, abs=1e-6)
-    assert got["users"] == len(held)
+    assert_matches_brute_force(got, ue @ ie.T, data, split)
 
 
 @pytest.mark.e2e

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from ranking_check import assert_matches_brute_force
 from recsys_mtl.config import GradConfig, ModelConfig
 from recsys_mtl.data.convert.trust import convert_trust
 from recsys_mtl.data.interactions import (
@@ -45,21 +45,6 @@ def dataset(tmp_path_factory) -> Path:
     out = d / "data"
     convert_trust("ciao", list(write_trust_release(d / "raw")), out, quiet=True)
     return out
-
-
-def _brute_force(scores: np.ndarray, held: dict, known: dict, k: int) -> tuple[float, float, float]:
-    """Recall, NDCG and hit rate at ``k`` by sorting every user's unknown items (ties: lower id)."""
-    rec, ndcg, hit = 0.0, 0.0, 0.0
-    for u, items in held.items():
-        s = scores[u].astype(np.float64)
-        s[list(known.get(u, ()))] = -np.inf
-        top = sorted(range(s.size), key=lambda j: (-s[j], j))[:k]
-        hits = [j in items for j in top]
-        rec += sum(hits) / len(items)
-        ndcg += (sum(h / math.log2(r + 2) for r, h in enumerate(hits))
-                 / sum(1 / math.log2(r + 2) for r in range(min(len(items), k))))
-        hit += any(hits)
-    return rec / len(held), ndcg / len(held), hit / len(held)
 
 
 def _dense_adjacency(data: InteractionData) -> np.ndarray:
@@ -217,18 +202,7 @@ def test_full_ranking_evaluation_is_brute_force(dataset: Path, name: str, layers
     with torch.no_grad():  # every user's and item's final representation, looked up at once
         users = model.embed(graph.kjt(s.sparse_names, {"user": np.arange(data.num_users)}))["user"]
         items = model.embed(graph.kjt(s.sparse_names, {"item": np.arange(data.num_items)}))["item"]
-    scores = (users @ items.T).numpy()
-    held, known = {}, {}
-    for u, i in zip(*data.splits["test"]):
-        held.setdefault(int(u), set()).add(int(i))
-    for sp in ("train", "eval"):
-        for u, i in zip(*data.splits[sp]):
-            known.setdefault(int(u), set()).add(int(i))
-    for k in (5, 20):
-        r, n, h = _brute_force(scores, held, known, k)
-        assert got[f"recall@{k}"] == pytest.approx(r, abs=1e-6)
-        assert got[f"ndcg@{k}"] == pytest.approx(n, abs=1e-6)
-        assert got[f"hit@{k}"] == pytest.approx(h, abs=1e-6)
+    assert_matches_brute_force(got, (users @ items.T).numpy(), data, "test")
 
 
 def _weighted_model(seed: int = 0) -> tuple[MTLTrainModule, Schema]:
