@@ -330,7 +330,7 @@ class GradConfig:
     combiner: str = "ew"
     main_task: str | None = None
     alpha: float = 1.1
-    tau: float = 0.1
+    tau: float = 1e-3
     stats: str = "global"
     cagrad_c: float = 0.5
     nash_max_norm: float = 1.0

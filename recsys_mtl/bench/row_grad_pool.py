@@ -73,7 +73,6 @@ def _batches(schema, n: int, batch: int, seed: int):
 
 def _contender(name: str, users: int, items: int, batch: int, steps: int, warmup: int, queue) -> None:
     torch.set_num_threads(THREADS)
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     from recsys_mtl.config import GradConfig, ModelConfig, OptimConfig, ShardingConfig
     from recsys_mtl.models import build_model
     from recsys_mtl.train.grad_combiners import CombinerState, make_combiner, pmtrec_focus
@@ -119,8 +118,9 @@ def _contender(name: str, users: int, items: int, batch: int, steps: int, warmup
         from recsys_mtl.distributed.optim import make_optimizer
         from recsys_mtl.distributed.sharding import shard_model
 
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        # One rank of its own, whatever launch environment the parent process carries.
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
+                          LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         env = init_distributed()
         torch.manual_seed(0)
         optim = OptimConfig(sparse_optimizer="rowwise_adagrad", sparse_lr=0.05)
@@ -167,6 +167,22 @@ def _contender(name: str, users: int, items: int, batch: int, steps: int, warmup
                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
 
 
+def _result(q, p, name: str, timeout_s: float = 1800.0) -> dict:
+    """The contender's result, or a RuntimeError as soon as its process has died without one."""
+    import queue as queue_mod
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            return q.get(timeout=2.0)
+        except queue_mod.Empty:
+            if not p.is_alive():
+                raise RuntimeError(f"bench row-grad-pool: contender {name!r} died (exit code {p.exitcode}) "
+                                   f"without a result") from None
+    p.kill()
+    raise RuntimeError(f"bench row-grad-pool: contender {name!r} gave no result in {timeout_s:.0f} s")
+
+
 def run_row_grad_pool_bench(*, steps: int = 20, warmup: int = 5, batch_size: int = BATCH, users: int = USERS,
                             items: int = ITEMS, output: str | None = DEFAULT_OUTPUT, print_table: bool = True) -> dict:
     """Runs the three contenders (one process each) and the op micro-benchmark; returns the result
@@ -183,7 +199,7 @@ def run_row_grad_pool_bench(*, steps: int = 20, warmup: int = 5, batch_size: int
         q = ctx.Queue()
         p = ctx.Process(target=_contender, args=(name, users, items, batch_size, steps, warmup, q))
         p.start()
-        rows[name] = q.get(timeout=1800)
+        rows[name] = _result(q, p, name)
         p.join()
     threads = torch.get_num_threads()
     torch.set_num_threads(THREADS)

@@ -137,7 +137,7 @@ def test_pmtrec_single_hot_uses_the_pooled_output() -> None:
     batch = tiny_batch(schema, 9, seed=1)
     ref_tm = copy.deepcopy(tm)
     focus = pmtrec_focus(3, 0, 1.1, 0)
-    rows_ref, _ = _reference(ref_tm, batch, lambda j: pmtrec_row_combination(j, focus, 0.1),
+    rows_ref, _ = _reference(ref_tm, batch, lambda j: pmtrec_row_combination(j, focus, GradConfig().tau),
                              lambda gs, ps: [torch.stack(g).sum(0) for g in gs])
     step = CombinedGradStep(tm, make_combiner(GradConfig(combiner="pmtrec"), schema.task_names, 0, CombinerState(3)),
                             schema)
