@@ -786,34 +786,30 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_bench)
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
+def _run_op_or_plan_bench(args: argparse.Namespace) -> None:
+    """The benchmarks without peers (``row-grad-pool``, ``masked-matmul``, ``plans``)."""
     if args.workload == "row-grad-pool":
         from recsys_mtl.bench.row_grad_pool import BATCH, DEFAULT_OUTPUT, run_row_grad_pool_bench
 
-        try:
-            run_row_grad_pool_bench(steps=args.steps, warmup=args.warmup, batch_size=args.batch_size or BATCH,
-                                    output=args.output or DEFAULT_OUTPUT)
-        except ValueError as e:
-            print(f"recsys-mtl bench: error: {e}", file=sys.stderr)
-            return 2
-        return 0
-    if args.workload == "masked-matmul":
+        run_row_grad_pool_bench(steps=args.steps, warmup=args.warmup, batch_size=args.batch_size or BATCH,
+                                output=args.output or DEFAULT_OUTPUT)
+    elif args.workload == "masked-matmul":
         from recsys_mtl.bench.masked_matmul import BATCH_SIZES, DEFAULT_OUTPUT, run_masked_matmul_bench
 
-        try:
-            sizes = (args.batch_size,) if args.batch_size else BATCH_SIZES
-            run_masked_matmul_bench(batch_sizes=sizes, step_batch_sizes=sizes, steps=args.steps, warmup=args.warmup,
-                                    output=args.output or DEFAULT_OUTPUT)
-        except ValueError as e:
-            print(f"recsys-mtl bench: error: {e}", file=sys.stderr)
-            return 2
-        return 0
-    if args.workload == "plans":
+        sizes = (args.batch_size,) if args.batch_size else BATCH_SIZES
+        run_masked_matmul_bench(batch_sizes=sizes, step_batch_sizes=sizes, steps=args.steps, warmup=args.warmup,
+                                output=args.output or DEFAULT_OUTPUT)
+    else:
         from recsys_mtl.bench.plans import BATCH_SIZE, run_plans_bench
 
+        run_plans_bench(steps=args.steps, warmup=args.warmup, batch_size=args.batch_size or BATCH_SIZE,
+                        wide_rows=args.wide_rows, output=args.output)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.workload in ("row-grad-pool", "masked-matmul", "plans"):
         try:
-            run_plans_bench(steps=args.steps, warmup=args.warmup, batch_size=args.batch_size or BATCH_SIZE,
-                            wide_rows=args.wide_rows, output=args.output)
+            _run_op_or_plan_bench(args)
         except ValueError as e:
             print(f"recsys-mtl bench: error: {e}", file=sys.stderr)
             return 2

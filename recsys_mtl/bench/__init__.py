@@ -45,6 +45,14 @@ def _machine() -> dict:
     }
 
 
+def run_metadata(load_before: tuple[float, ...], load_after: tuple[float, ...] | None = None) -> dict:
+    """The keys every benchmark result records about its run: the load average before and after it
+    (``load_after`` None: now), the UTC date and the machine."""
+    return {"load_average": {"before": list(load_before), "after": list(load_after or os.getloadavg())},
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": _machine()}
+
+
 def run_bench(
     workload: str,
     *,
@@ -115,9 +123,7 @@ def run_bench(
         "steps": steps,
         "warmup": warmup,
         "torch_threads": threads,
-        "load_average": {"before": list(load_before), "after": list(load_after)},
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": _machine(),
+        **run_metadata(load_before, load_after),
     }
     if w.sequential:
         result["rss_mb"] = {c.name: c.rss_mb for c in contenders}  # process RSS while each one lived

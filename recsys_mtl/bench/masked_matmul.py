@@ -31,7 +31,6 @@ it and add its own entries to :func:`run_masked_matmul_bench`'s result.
 
 from __future__ import annotations
 
-import datetime
 import os
 import statistics
 import time
@@ -288,7 +287,7 @@ def run_masked_matmul_bench(
     """
     if steps < 1 or warmup < 0:
         raise ValueError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
-    from recsys_mtl.bench import _machine
+    from recsys_mtl.bench import run_metadata
 
     threads_before = torch.get_num_threads()
     torch.set_num_threads(THREADS)
@@ -328,9 +327,7 @@ def run_masked_matmul_bench(
         "torch_threads": threads,
         "steps": steps,
         "warmup": warmup,
-        "load_average": {"before": list(load_before), "after": list(load_after)},
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": _machine(),
+        **run_metadata(load_before, load_after),
     }
     return emit(result, output, format_masked_matmul_table, print_table)
 

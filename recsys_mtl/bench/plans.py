@@ -12,7 +12,6 @@ shared machine hits every contender alike; throughput is ranks x batch over the 
 
 from __future__ import annotations
 
-import datetime
 import itertools
 import os
 import statistics
@@ -144,7 +143,7 @@ def run_plans_bench(
         raise ValueError(f"unknown contenders {sorted(unknown)}; choose from {', '.join(CONTENDERS)}")
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    from recsys_mtl.bench import _machine
+    from recsys_mtl.bench import run_metadata
     from recsys_mtl.distributed.env import free_port
 
     threads = max(1, (os.cpu_count() or 1) // world_size)
@@ -183,9 +182,7 @@ def run_plans_bench(
         "plans": r0["plans"],
         "steps": steps,
         "warmup": warmup,
-        "load_average": {"before": list(load_before), "after": list(load_after)},
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": _machine(),
+        **run_metadata(load_before, load_after),
     }
     return emit(result, output, format_plans_table, print_table)
 

@@ -25,7 +25,6 @@ row). ``speedup.op`` = reference / ours pooling, ``speedup.step`` = reference / 
 
 from __future__ import annotations
 
-import datetime
 import multiprocessing as mp
 import os
 import resource
@@ -189,7 +188,7 @@ def run_row_grad_pool_bench(*, steps: int = 20, warmup: int = 5, batch_size: int
     dict (``speedup``, ``step_vs_ew``, ``peak_rss_mb``, per-contender times), written to ``output``."""
     if steps < 1 or warmup < 0:
         raise ValueError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
-    from recsys_mtl.bench import _machine
+    from recsys_mtl.bench import run_metadata
     from recsys_mtl.bench.row_grad_pool_op import bench_op
 
     load_before = os.getloadavg()
@@ -225,9 +224,7 @@ def run_row_grad_pool_bench(*, steps: int = 20, warmup: int = 5, batch_size: int
         "batch_size": batch_size,
         "timed_steps": steps,
         "warmup": warmup,
-        "load_average": {"before": list(load_before), "after": list(os.getloadavg())},
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": _machine(),
+        **run_metadata(load_before),
     }
     return emit(result, output, format_row_grad_pool_table, print_table)
 

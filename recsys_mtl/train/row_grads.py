@@ -340,7 +340,7 @@ class CombinedGradStep:
 
         # Combined gradient per position (per_row) or per local row (aggregators).
         position_out: list[torch.Tensor | None] = []
-        row_out: list[torch.Tensor] = []
+        row_out: list[torch.Tensor | None] = []
         if self.combiner.per_row:
             for (grp, grads, uniq, inv), jac, ex in zip(prepared, row_jac, exch):
                 norms = None
@@ -349,7 +349,10 @@ class CombinedGradStep:
                 out, w = self.combiner.pool(grads, inv, uniq.numel(), norms=norms)  # N x D, U x T
                 self.last_weights[grp.dim] = w.detach()
                 position_out.append(out)
-                row_out.append(out.new_zeros(uniq.numel(), grp.dim).index_add_(0, inv, out))  # U x D
+                if any(self.capture.inject):  # the unique-row lookup takes whole rows: Σ over positions
+                    row_out.append(out.new_zeros(uniq.numel(), grp.dim).index_add_(0, inv, out))  # U x D
+                else:
+                    row_out.append(None)
         else:
             flat = torch.cat([j.reshape(T, -1) for j in row_jac], dim=1)  # T x n
             agg = self.combiner.combine_rows(flat)  # n
