@@ -111,6 +111,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--d", type=int, default=512)
     synth.set_defaults(func=_cmd_synth)
     _add_convert(dsub)
+    _add_pair_task(dsub)
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
@@ -233,6 +234,50 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     rows = schema.metadata.get("rows", {})
     print(f"wrote {args.out}: {rows.get('train', 0)} train / {rows.get('eval', 0)} eval rows, "
           f"{len(schema.sparse)} sparse, {len(schema.dense)} dense features, tasks {', '.join(schema.task_names)}")
+    return 0
+
+
+def _add_pair_task(dsub: argparse._SubParsersAction) -> None:
+    p = dsub.add_parser(
+        "add-pair-task", help="declare an auxiliary pair task (co-view, co-buy, brand, ...) on an interaction dataset",
+        formatter_class=_HelpFormatter,
+        description="Adds a pairwise ranking task trained next to BPR: anchor = the batch row's user or item, "
+                    "positive = one of its partners in the side table, negative = a random user or item. "
+                    "--pairs: a parquet file of (anchor, partner) id pairs (e.g. item, co-viewed item); --groups: "
+                    "a parquet file of (member, group) (partners: the other members of the group). Ids are the "
+                    "dataset's ids (see vocab/). The table is checked, copied to side/NAME.parquet and the task "
+                    "appended to schema.json; nothing is written when a check fails.")
+    p.add_argument("data", help="interaction dataset directory (recsys-mtl data convert ciao|epinions)")
+    p.add_argument("name", help="the new task's name")
+    p.add_argument("--kind", choices=["user", "item"], required=True, help="what anchors and partners are")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--pairs", metavar="FILE", help="parquet of (anchor, partner) pairs")
+    src.add_argument("--groups", metavar="FILE", help="parquet of (member, group), one row per member")
+    p.add_argument("--columns", nargs=2, required=True, metavar=("A", "B"),
+                   help="the two columns: anchor and partner, or member and group")
+    p.add_argument("--symmetric", action="store_true", help="--pairs: every pair counts both ways")
+    p.add_argument("--roles", nargs=2, default=None, metavar=("POS", "NEG"),
+                   help="batch feature names of the positive and the negative (default NAME_KIND, neg_NAME_KIND)")
+    p.add_argument("--overwrite", action="store_true", help="replace a task of that name")
+    p.set_defaults(func=_cmd_add_pair_task)
+
+
+def _cmd_add_pair_task(args: argparse.Namespace) -> int:
+    from recsys_mtl.data.pair_tasks import add_pair_task
+    from recsys_mtl.data.schema import SchemaError
+
+    try:
+        added = add_pair_task(args.data, args.name, args.kind, args.pairs or args.groups, tuple(args.columns),
+                              groups=args.groups is not None, symmetric=args.symmetric,
+                              roles=tuple(args.roles) if args.roles else None, overwrite=args.overwrite)
+    except SchemaError as e:
+        print(f"recsys-mtl data add-pair-task: error: {e}", file=sys.stderr)
+        return 2
+    t = added.task
+    share = added.anchors_with_partner / max(added.anchors, 1)
+    print(f"added task {t.name} to {args.data}: {t.kind} {t.source} ({added.pairs:,} {'pairs' if t.source == 'pairs' else 'members'}; "
+          f"{added.anchors_with_partner:,} of {added.anchors:,} {t.kind}s ({share:.0%}) have a partner); roles "
+          f"{t.positive}, {t.negative}; tasks now {', '.join(added.schema.task_names)}")
     return 0
 
 

@@ -11,16 +11,18 @@ Training follows the PMTRec setting (Yang et al. 2024, §3.1, §4.1): every trai
 * ``rec`` — BPR (Rendle et al. 2009): a negative item ``j`` drawn uniformly from the items ``u``
   has not interacted with in train; the model's logit is ``s(u, i) − s(u, j)`` with label 1, so
   the binary cross-entropy is BPR's ``−ln σ(s(u, i) − s(u, j))``;
-* ``social`` — social-link prediction: a user ``v⁺`` that ``u`` trusts and a random user ``v⁻``;
-  logit ``s(u, v⁺) − s(u, v⁻)`` (rows whose user trusts nobody are outside the task's space);
-* ``category`` — same-category prediction: an item ``i⁺`` of ``i``'s category other than ``i``
-  and a random item ``i⁻``; logit ``s(i, i⁺) − s(i, i⁻)`` (outside the space when the category
-  has no other item).
+* every other task — a pair task declared from a side table (:mod:`recsys_mtl.data.pair_tasks`):
+  anchor ``a`` (the row's user or item), a partner ``p`` of ``a`` from the side table and a random
+  entity ``n`` of the same kind; logit ``s(a, p) − s(a, n)`` (rows whose anchor has no partner are
+  outside the task's space). The converters declare ``social`` (social-link prediction: a user
+  ``u`` trusts; roles ``friend``, ``neg_friend``) and ``category`` (same-category prediction: another
+  item of ``i``'s category; roles ``cat_item``, ``neg_cat_item``); co-view / co-buy style tables are
+  added with ``recsys-mtl data add-pair-task``.
 
 The samples are drawn per batch from a generator seeded by ``(seed, epoch, rank, batch)``, so a
 resumed run draws exactly what the uninterrupted run drew. The batch's KJT has one single-valued
-feature per role (:data:`ROLES`); the roles of users share the ``user_emb`` table and those of items
-the ``item_emb`` table (:func:`training_schema` describes them as a schema the trainer uses).
+feature per role (:func:`~recsys_mtl.data.pair_tasks.role_kinds`); the roles of users share the
+``user_emb`` table and those of items the ``item_emb`` table (:func:`training_schema` describes them as a schema the trainer uses).
 
 Graph encoders (``lightgcn``, ``ngcf``) propagate over the bipartite graph of the *train*
 interactions (users then items, ``(U+I) x (U+I)``), ``Â = D^{-1/2} A D^{-1/2}``. Their batches
@@ -52,6 +54,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from recsys_mtl.data.pair_tasks import PairSide, csr, load_side, pair_tasks, role_kinds, task_roles
 from recsys_mtl.data.reader import DataError, list_parquet_files, split_rows, steps_per_epoch
 from recsys_mtl.data.schema import Schema, SparseFeature, TaskSpec
 from recsys_mtl.types import MTLBatch
@@ -59,18 +62,11 @@ from recsys_mtl.types import MTLBatch
 if TYPE_CHECKING:
     from recsys_mtl.config import ModelConfig
 
-__all__ = ["is_interactions", "training_schema", "InteractionData", "InteractionBatches", "ROLES", "TASK_ROLES",
-           "make_interaction_loader", "role_tables", "GraphBags", "graph_bags", "propagation_matrix",
+__all__ = ["is_interactions", "training_schema", "InteractionData", "InteractionBatches", "make_interaction_loader", "role_tables", "GraphBags", "graph_bags", "propagation_matrix",
            "normalized_adjacency", "GRAPH_ENCODERS", "feature_role", "load_training_schema", "check_interactions"]
 
 FORMAT = "interactions"
-# The batch's features: name -> the table it is looked up in.
-ROLES: dict[str, str] = {"user": "user_emb", "friend": "user_emb", "neg_friend": "user_emb",
-                         "item": "item_emb", "neg_item": "item_emb", "cat_item": "item_emb", "neg_cat_item": "item_emb"}
-# Each task: (anchor, positive, negative) roles.
-TASK_ROLES: dict[str, tuple[str, str, str]] = {"rec": ("user", "item", "neg_item"),
-                                              "social": ("user", "friend", "neg_friend"),
-                                              "category": ("item", "cat_item", "neg_cat_item")}
+TABLES: dict[str, str] = {"user": "user_emb", "item": "item_emb"}  # entity kind -> its table
 SPLITS = ("train", "eval", "test")
 # Graph encoders -> the bag features of a role ``r`` (a suffix of ``r``, see the module docstring).
 GRAPH_ENCODERS: dict[str, tuple[str, ...]] = {"lightgcn": ("__u", "__i"), "ngcf": ("", "__nbr")}
@@ -82,15 +78,9 @@ def is_interactions(schema: Schema) -> bool:
     return schema.metadata.get("format") == FORMAT
 
 
-def _roles(schema: Schema) -> list[str]:
-    """The roles the schema's tasks need, in :data:`ROLES` order."""
-    unknown = [t for t in schema.task_names if t not in TASK_ROLES]
-    if unknown:
-        raise DataError(f"interaction dataset: unknown tasks {unknown}; supported: {', '.join(TASK_ROLES)}")
-    if schema.task_names[0] != "rec":
-        raise DataError(f"interaction dataset: the first task must be 'rec' (the main task), got {schema.task_names}")
-    need = {r for t in schema.task_names for r in TASK_ROLES[t]}
-    return [r for r in ROLES if r in need]
+def _role_tables(schema: Schema) -> dict[str, str]:
+    """Role -> its table, users' roles first (:func:`~recsys_mtl.data.pair_tasks.role_kinds`)."""
+    return {r: TABLES[k] for r, k in role_kinds(schema).items()}
 
 
 def _encoder(model: "ModelConfig | None") -> str | None:
@@ -104,20 +94,20 @@ def feature_role(feature: str) -> str:
     return feature.split("__", 1)[0]
 
 
-def _feature_table(feature: str) -> str:
-    """The table a batch feature is looked up in."""
+def _feature_table(feature: str, roles: dict[str, str]) -> str:
+    """The table a batch feature is looked up in (``roles``: role -> its table)."""
     role, _, suffix = feature.partition("__")
     if suffix == "u":
         return "user_emb"
     if suffix == "i":
         return "item_emb"
-    return _OTHER[ROLES[role]] if suffix == "nbr" else ROLES[role]
+    return _OTHER[roles[role]] if suffix == "nbr" else roles[role]
 
 
-def _features(roles: list[str], encoder: str | None) -> dict[str, list[str]]:
+def _features(roles: dict[str, str], encoder: str | None) -> dict[str, list[str]]:
     """Table -> its batch features (the roles' bags), ``user_emb`` first."""
     feats = [r + suffix for r in roles for suffix in GRAPH_ENCODERS.get(encoder, ("",))]
-    return {t: [f for f in feats if _feature_table(f) == t] for t in ("user_emb", "item_emb")}
+    return {t: [f for f in feats if _feature_table(f, roles) == t] for t in ("user_emb", "item_emb")}
 
 
 def training_schema(schema: Schema, model: "ModelConfig | None" = None) -> Schema:
@@ -133,7 +123,9 @@ def training_schema(schema: Schema, model: "ModelConfig | None" = None) -> Schem
             propagates over).
 
     Returns:
-        Schema: with ``metadata["tables"]``, table -> its features.
+        Schema: with ``metadata["tables"]`` (table -> its features), ``metadata["task_roles"]``
+        (task -> its ``[anchor, positive, negative]`` roles) and ``metadata["roles"]`` (role ->
+        ``"user"`` or ``"item"``).
 
     Example::
 
@@ -149,11 +141,13 @@ def training_schema(schema: Schema, model: "ModelConfig | None" = None) -> Schem
     """
     n = {"user_emb": schema.feature("user").num_embeddings, "item_emb": schema.feature("item").num_embeddings}
     encoder = _encoder(model)
-    tables = _features(_roles(schema), encoder)
+    roles = _role_tables(schema)
+    tables = _features(roles, encoder)
     feats = tuple(SparseFeature(f, n[t], multi_hot=encoder is not None,
-                                side="user" if ROLES[feature_role(f)] == "user_emb" else "item")
+                                side="user" if roles[feature_role(f)] == "user_emb" else "item")
                   for t, names in tables.items() for f in names)
-    metadata = {**schema.metadata, "tables": tables}
+    metadata = {**schema.metadata, "tables": tables, "roles": role_kinds(schema),
+                "task_roles": {t: list(r) for t, r in task_roles(schema).items()}}
     if encoder is not None:
         metadata["weighted"] = True
         metadata["graph"] = {"encoder": encoder, "layers": int(model.graph_layers),
@@ -176,8 +170,8 @@ def check_interactions(dataset_dir: str | Path) -> None:
 
 def role_tables(schema: Schema) -> dict[str, list[str]]:
     """Table name -> its role features (the roles this schema's tasks use)."""
-    roles = _roles(schema)
-    return {t: [r for r in roles if ROLES[r] == t] for t in ("user_emb", "item_emb")}
+    roles = _role_tables(schema)
+    return {t: [r for r, table in roles.items() if table == t] for t in ("user_emb", "item_emb")}
 
 
 def _read_pairs(path: Path, a: str, b: str) -> tuple[np.ndarray, np.ndarray]:
@@ -186,20 +180,10 @@ def _read_pairs(path: Path, a: str, b: str) -> tuple[np.ndarray, np.ndarray]:
             table.column(b).to_numpy().astype(np.int64, copy=False))
 
 
-def _csr(keys: np.ndarray, vals: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """CSR (indptr ``n+1``, sorted unique values per key)."""
-    if keys.size:
-        pairs = np.unique(np.stack([keys, vals], 1), axis=0)
-        keys, vals = pairs[:, 0], pairs[:, 1]
-    indptr = np.zeros(n + 1, dtype=np.int64)
-    np.add.at(indptr, keys + 1, 1)
-    return np.cumsum(indptr), vals.astype(np.int64)
-
-
 @dataclasses.dataclass
 class InteractionData:
-    """An interaction dataset in memory: interactions per split, train items per user (CSR),
-    trusted users per user, items per category.
+    """An interaction dataset in memory: interactions per split, train items per user (CSR), and
+    every pair task's side table (:class:`~recsys_mtl.data.pair_tasks.PairSide`).
 
     Args: (see :meth:`load`)
     """
@@ -208,13 +192,13 @@ class InteractionData:
     num_items: int
     splits: dict[str, tuple[np.ndarray, np.ndarray]]  # split -> (users, items)
     user_items: tuple[np.ndarray, np.ndarray]  # train CSR
-    friends: tuple[np.ndarray, np.ndarray] | None  # CSR users -> trusted users
-    item_category: np.ndarray | None  # item -> category (-1: none)
-    category_items: tuple[np.ndarray, np.ndarray] | None  # CSR category -> items
+    sides: dict[str, PairSide]  # pair task -> its side table
 
     @staticmethod
     def load(dataset_dir: str | Path) -> "InteractionData":
-        return _load(str(Path(dataset_dir).resolve()))
+        """Read once per process and schema version (cached by path and ``schema.json``'s mtime)."""
+        d = Path(dataset_dir).resolve()
+        return _load(str(d), _schema_version(d))
 
     def rows(self, split: str) -> int:
         return int(self.splits[split][0].size)
@@ -226,8 +210,16 @@ class InteractionData:
         return self._seen(users, items)
 
 
+def _schema_version(d: Path) -> int:
+    """``schema.json``'s mtime (ns), so a declared pair task is seen by the next load (0: no schema)."""
+    try:
+        return (d / "schema.json").stat().st_mtime_ns
+    except OSError:
+        return 0
+
+
 @lru_cache(maxsize=4)
-def _load(dataset_dir: str) -> InteractionData:
+def _load(dataset_dir: str, version: int = 0) -> InteractionData:
     d = Path(dataset_dir)
     schema = Schema.load(d)
     if not is_interactions(schema):
@@ -251,34 +243,9 @@ def _load(dataset_dir: str) -> InteractionData:
         splits[split] = (u, i)
     if splits["train"][0].size == 0:
         raise DataError(f"{d / 'train'}: no training interactions")
-    side = schema.metadata.get("side", {})
-    friends = None
-    if "social" in schema.task_names:
-        path = d / side.get("trust", "side/trust.parquet")
-        if not path.is_file():
-            raise DataError(f"{path}: missing (the social task needs the trust network)")
-        a, b = _read_pairs(path, "user", "friend")
-        keep = (a >= 0) & (a < nu) & (b >= 0) & (b < nu) & (a != b)
-        friends = _csr(a[keep], b[keep], nu)
-    item_category = category_items = None
-    if "category" in schema.task_names:
-        path = d / side.get("item_category", "side/item_category.parquet")
-        if not path.is_file():
-            raise DataError(f"{path}: missing (the category task needs the item categories)")
-        it, cat = _read_pairs(path, "item", "category")
-        item_category = np.full(ni, -1, dtype=np.int64)
-        item_category[it] = cat
-        ncat = int(cat.max()) + 1 if cat.size else 0
-        category_items = _csr(cat, it, ncat)
-    return InteractionData(nu, ni, splits, _csr(*splits["train"], nu), friends, item_category, category_items)
-
-
-def _uniform_from_csr(indptr: np.ndarray, indices: np.ndarray, keys: np.ndarray, rng: np.random.Generator):
-    """One value drawn uniformly from each key's list (``-1`` for an empty list)."""
-    deg = indptr[keys + 1] - indptr[keys]
-    pick = indptr[keys] + np.floor(rng.random(keys.size) * np.maximum(deg, 1)).astype(np.int64)
-    out = np.where(deg > 0, indices[np.minimum(pick, max(indices.size - 1, 0))] if indices.size else -1, -1)
-    return out, deg
+    count = {"user": nu, "item": ni}
+    sides = {name: load_side(d, t, count[t.kind]) for name, t in pair_tasks(schema).items()}
+    return InteractionData(nu, ni, splits, csr(*splits["train"], nu), sides)
 
 
 class _Membership:
@@ -410,19 +377,23 @@ class GraphBags:
     num_items: int
     to_users: _CSR
     to_items: _CSR
+    kinds: dict[str, str]  # role -> "user" | "item" (the dataset's roles)
 
     @staticmethod
     def load(dataset_dir: str | Path, encoder: str, layers: int = 1, max_neighbours: int = 0) -> "GraphBags":
         """Built once per ``(dataset, encoder, layers, max_neighbours)`` and cached in the process."""
         if encoder not in GRAPH_ENCODERS:
             raise ValueError(f"unknown graph encoder {encoder!r}; have {', '.join(GRAPH_ENCODERS)}")
-        return _load_graph(str(Path(dataset_dir).resolve()), encoder, int(layers), int(max_neighbours))
+        d = Path(dataset_dir).resolve()
+        return _load_graph(str(d), encoder, int(layers), int(max_neighbours), _schema_version(d))
 
     def bag(self, feature: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(values N, lengths B, weights N)`` of ``feature`` for the role ids ``ids`` (``B``)."""
         ids = np.asarray(ids, dtype=np.int64)
         role, _, suffix = feature.partition("__")
-        user = ROLES[role] == "user_emb"
+        if role not in self.kinds:
+            raise KeyError(f"{feature!r}: {role!r} is not a role of this dataset ({', '.join(self.kinds)})")
+        user = self.kinds[role] == "user"
         if not suffix:
             return ids, np.ones(ids.size, dtype=np.int64), np.ones(ids.size, dtype=np.float32)
         nodes = ids if user else ids + self.num_users
@@ -455,12 +426,13 @@ class GraphBags:
 
 
 @lru_cache(maxsize=4)
-def _load_graph(dataset_dir: str, encoder: str, layers: int, max_neighbours: int) -> GraphBags:
+def _load_graph(dataset_dir: str, encoder: str, layers: int, max_neighbours: int, version: int = 0) -> GraphBags:
     data = InteractionData.load(dataset_dir)
     adj = normalized_adjacency(data)
     m = propagation_matrix(adj, layers, max_neighbours) if encoder == "lightgcn" else adj
     nu = data.num_users
-    return GraphBags(encoder, layers, max_neighbours, nu, data.num_items, _CSR.of(m[:, :nu]), _CSR.of(m[:, nu:]))
+    return GraphBags(encoder, layers, max_neighbours, nu, data.num_items, _CSR.of(m[:, :nu]), _CSR.of(m[:, nu:]),
+                     role_kinds(Schema.load(dataset_dir)))
 
 
 def graph_bags(dataset_dir: str | Path, schema: Schema) -> GraphBags | None:
@@ -478,7 +450,7 @@ def sample_batch(data: InteractionData, users: np.ndarray, items: np.ndarray, ta
     Args:
         data (InteractionData): the dataset.
         users (np.ndarray), items (np.ndarray): ``B`` train interactions.
-        tasks (list[str]): the tasks.
+        tasks (list[str]): the tasks (``rec`` first, then pair tasks of ``data.sides``).
         roles (list[str]): the batch's keys (the training schema's features): roles, or with
             ``graph`` the roles' bag features.
         rng (np.random.Generator): draws the negatives and positives.
@@ -495,27 +467,13 @@ def sample_batch(data: InteractionData, users: np.ndarray, items: np.ndarray, ta
             break
         neg[hit] = rng.integers(0, data.num_items, int(hit.sum()))
     ids["neg_item"] = neg
-    if "social" in tasks:
-        friend, deg = _uniform_from_csr(*data.friends, users, rng)
-        ids["friend"] = np.where(deg > 0, friend, 0)
-        ids["neg_friend"] = rng.integers(0, data.num_users, b)
-        mask[:, tasks.index("social")] = deg > 0
-    if "category" in tasks:
-        cat = data.item_category[items]
-        indptr, members = data.category_items
-        has = cat >= 0
-        c = np.where(has, cat, 0)
-        other, deg = _uniform_from_csr(indptr, members, c, rng)
-        for _ in range(negative_tries):  # another item of the category than the anchor itself
-            same = has & (deg > 1) & (other == items)
-            if not same.any():
-                break
-            redraw, _ = _uniform_from_csr(indptr, members, c[same], rng)
-            other[same] = redraw
-        ok = has & (deg > 1) & (other != items)
-        ids["cat_item"] = np.where(ok, other, 0)
-        ids["neg_cat_item"] = rng.integers(0, data.num_items, b)
-        mask[:, tasks.index("category")] = ok
+    anchors = {"user": users, "item": items}
+    count = {"user": data.num_users, "item": data.num_items}
+    for k, task in enumerate(tasks[1:], start=1):  # the pair tasks, in task order
+        side = data.sides[task]
+        t = side.task
+        ids[t.positive], mask[:, k] = side.sample(anchors[t.kind], rng, negative_tries)
+        ids[t.negative] = rng.integers(0, count[t.kind], b)
     if graph is not None:
         kjt = graph.kjt(roles, ids, b)
     else:

@@ -166,7 +166,8 @@ def _ml_csrec(s: Schema, c: ModelConfig, dev: torch.device) -> nn.Module:
 def _mf(s: Schema, c: ModelConfig, dev: torch.device) -> nn.Module:
     tables = _pair_tables(s)
     sizes = {"user_emb": s.feature("user").num_embeddings, "item_emb": s.feature("item").num_embeddings}
-    return MatrixFactorization(pair_tables(tables, sizes, c.embedding_dim, device=dev), s.task_names)
+    return MatrixFactorization(pair_tables(tables, sizes, c.embedding_dim, device=dev), s.task_names,
+                               s.metadata.get("task_roles"))
 
 
 def _graph_tables(s: Schema, c: ModelConfig, dev: torch.device) -> EmbeddingBagCollection:
@@ -184,11 +185,11 @@ def _graph_tables(s: Schema, c: ModelConfig, dev: torch.device) -> EmbeddingBagC
 
 
 def _lightgcn(s: Schema, c: ModelConfig, dev: torch.device) -> nn.Module:
-    return LightGCN(_graph_tables(s, c, dev), s.task_names)
+    return LightGCN(_graph_tables(s, c, dev), s.task_names, s.metadata.get("task_roles"))
 
 
 def _ngcf(s: Schema, c: ModelConfig, dev: torch.device) -> nn.Module:
-    return NGCF(_graph_tables(s, c, dev), s.task_names, c.embedding_dim)
+    return NGCF(_graph_tables(s, c, dev), s.task_names, c.embedding_dim, s.metadata.get("task_roles"))
 
 
 def _pair_tables(s: Schema) -> dict[str, list[str]]:

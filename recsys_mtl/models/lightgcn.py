@@ -22,7 +22,7 @@ MF (``P = I``). The scores and task logits are MF's (dot products, per-task
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
@@ -41,7 +41,9 @@ class LightGCN(MatrixFactorization):
         embedding_bag_collection (EmbeddingBagCollection): a weighted (``is_weighted=True``) SUM
             collection with ``user_emb`` holding every ``r__u`` feature and ``item_emb`` every ``r__i``
             (MF's Xavier-uniform :func:`recsys_mtl.models.mf.pair_tables` configurations, weighted).
-        tasks (Sequence[str]): task names (keys of ``TASK_ROLES``).
+        tasks (Sequence[str]): task names.
+        task_roles (Mapping[str, Sequence[str]] | None): task -> its roles (see
+            :class:`~recsys_mtl.models.mf.MatrixFactorization`).
 
     Example::
 
@@ -59,8 +61,9 @@ class LightGCN(MatrixFactorization):
         torch.Size([2])
     """
 
-    def __init__(self, embedding_bag_collection: EmbeddingBagCollection, tasks: Sequence[str]) -> None:
-        super().__init__(embedding_bag_collection, tasks)
+    def __init__(self, embedding_bag_collection: EmbeddingBagCollection, tasks: Sequence[str],
+                 task_roles: Mapping[str, Sequence[str]] | None = None) -> None:
+        super().__init__(embedding_bag_collection, tasks, task_roles)
         self.role_names = sorted({r for roles in self.roles.values() for r in roles})
 
     def embed(self, sparse: KeyedJaggedTensor) -> dict[str, torch.Tensor]:

@@ -2,10 +2,11 @@
 
 Users and items are rows of two embedding tables (``user_emb``, ``item_emb``); a pair's score is the dot
 product of its two rows. Every task of an interaction dataset is a pairwise ranking task over
-three roles of the batch (``recsys_mtl.data.interactions``): ``rec`` scores ``(user, item)``
-against ``(user, neg_item)`` (BPR), ``social`` ``(user, friend)`` against ``(user, neg_friend)``
-and ``category`` ``(item, cat_item)`` against ``(item, neg_cat_item)``; the task's logit is the
-score difference, so binary cross-entropy with label 1 is each task's BPR loss
+three roles of the batch (``recsys_mtl.data.interactions``, the training schema's
+``metadata["task_roles"]``): ``rec`` scores ``(user, item)`` against ``(user, neg_item)`` (BPR), a
+pair task (``recsys_mtl.data.pair_tasks``) its anchor and positive against its anchor and negative,
+e.g. ``social`` ``(user, friend)`` against ``(user, neg_friend)`` and ``category``
+``(item, cat_item)`` against ``(item, neg_cat_item)``; the task's logit is the score difference, so binary cross-entropy with label 1 is each task's BPR loss
 ``−ln σ(s⁺ − s⁻)``. Every role of a kind shares its table (one row per user / item), which is
 what makes PMTRec's per-row gradient pooling meaningful: a user's row collects gradients from
 the recommendation task and from the social task.
@@ -14,7 +15,7 @@ the recommendation task and from the social task.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -22,7 +23,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recsys_mtl.data.interactions import TASK_ROLES
+from recsys_mtl.data.pair_tasks import BUILTIN, MAIN_ROLES, MAIN_TASK
 
 __all__ = ["MatrixFactorization", "pair_tables"]
 
@@ -47,7 +48,10 @@ class MatrixFactorization(nn.Module):
 
     Args:
         embedding_bag_collection (EmbeddingBagCollection): tables from :func:`pair_tables`.
-        tasks (Sequence[str]): task names (keys of ``TASK_ROLES``).
+        tasks (Sequence[str]): task names.
+        task_roles (Mapping[str, Sequence[str]] | None): task -> ``(anchor, positive, negative)``
+            batch features (a training schema's ``metadata["task_roles"]``); None: ``rec`` and the
+            built-in ``social`` / ``category`` roles.
 
     Example::
 
@@ -59,11 +63,17 @@ class MatrixFactorization(nn.Module):
         torch.Size([2])
     """
 
-    def __init__(self, embedding_bag_collection: EmbeddingBagCollection, tasks: Sequence[str]) -> None:
+    def __init__(self, embedding_bag_collection: EmbeddingBagCollection, tasks: Sequence[str],
+                 task_roles: Mapping[str, Sequence[str]] | None = None) -> None:
         super().__init__()
         self.ebc = embedding_bag_collection
         self.tasks = list(tasks)
-        self.roles = {t: TASK_ROLES[t] for t in self.tasks}
+        known = dict(task_roles) if task_roles is not None else {MAIN_TASK: MAIN_ROLES,
+                                                                  **{n: t.roles for n, t in BUILTIN.items()}}
+        missing = [t for t in self.tasks if t not in known]
+        if missing:
+            raise ValueError(f"no (anchor, positive, negative) roles for task(s) {missing}; have {', '.join(known)}")
+        self.roles = {t: tuple(known[t]) for t in self.tasks}
 
     def embed(self, sparse: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
         """Role -> ``B x D`` representations (the tables' rows; an encoder may refine them)."""

@@ -25,7 +25,7 @@ implementations add. LeakyReLU's negative slope is 0.2.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -58,8 +58,10 @@ class NGCF(MatrixFactorization):
         embedding_bag_collection (EmbeddingBagCollection): a weighted (``is_weighted=True``) SUM
             collection: ``user_emb`` with the user roles and the item roles' ``r__nbr``, ``item_emb``
             with the item roles and the user roles' ``r__nbr``.
-        tasks (Sequence[str]): task names (keys of ``TASK_ROLES``).
+        tasks (Sequence[str]): task names.
         dim (int): the embedding width ``D``.
+        task_roles (Mapping[str, Sequence[str]] | None): task -> its roles (see
+            :class:`~recsys_mtl.models.mf.MatrixFactorization`).
 
     Example::
 
@@ -77,8 +79,9 @@ class NGCF(MatrixFactorization):
         torch.Size([2])
     """
 
-    def __init__(self, embedding_bag_collection: EmbeddingBagCollection, tasks: Sequence[str], dim: int) -> None:
-        super().__init__(embedding_bag_collection, tasks)
+    def __init__(self, embedding_bag_collection: EmbeddingBagCollection, tasks: Sequence[str], dim: int,
+                 task_roles: Mapping[str, Sequence[str]] | None = None) -> None:
+        super().__init__(embedding_bag_collection, tasks, task_roles)
         self.role_names = sorted({r for roles in self.roles.values() for r in roles})
         self.w1 = _XavierLinear(dim, dim)  # W1: self + neighbourhood messages
         self.w2 = _XavierLinear(dim, dim)  # W2: the affinity term e_x ⊙ s_x

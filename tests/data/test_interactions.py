@@ -52,13 +52,14 @@ def test_sampled_pairs_follow_the_side_information(dataset: Path) -> None:
     mask = b.label_mask.numpy()
     assert (f["user"] == u).all() and (f["item"] == i).all()
     assert not data.seen(f["user"], f["neg_item"]).any()  # BPR negatives: not train items of the user
-    ip, fr = data.friends
+    social, category = data.sides["social"], data.sides["category"]
+    ip, fr = social.indptr, social.partners
     for k in range(u.size):
         friends = set(fr[ip[u[k]]:ip[u[k] + 1]].tolist())
         assert mask[k, 1] == bool(friends)
         if friends:
             assert f["friend"][k] in friends
-    same = data.item_category[f["cat_item"]] == data.item_category[i]
+    same = category.group[f["cat_item"]] == category.group[i]
     assert (same | ~mask[:, 2]).all() and ((f["cat_item"] != i) | ~mask[:, 2]).all()
     assert mask[:, 2].mean() > 0.9 and 0.2 < mask[:, 1].mean() < 1.0
     assert (b.labels == 1).all()

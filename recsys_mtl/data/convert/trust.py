@@ -77,6 +77,7 @@ import scipy.io
 import scipy.sparse
 
 from recsys_mtl.data.convert.common import ConvertError
+from recsys_mtl.data.pair_tasks import BUILTIN
 from recsys_mtl.data.schema import Schema, SparseFeature, TaskSpec
 
 __all__ = [
@@ -498,6 +499,7 @@ def convert_trust(
             "interactions": counts,
             "trust_edges": int(edges.shape[0]),
             "side": {"trust": "side/trust.parquet", "item_category": "side/item_category.parquet"},
+            "pair_tasks": {name: task.to_dict() for name, task in BUILTIN.items()},
             "raw": {"ratings": len(raw), "repeated_pairs": n_duplicates, "trust_rows": int(trust_raw.shape[0])},
             "trust_dropped": dropped,
             "vocab": {"user": "vocab/user.parquet", "item": "vocab/item.parquet",
