@@ -396,9 +396,11 @@ def task_headlines(results: Sequence[dict], schema: Schema) -> dict[str, list[st
     return out
 
 
-def _values(results: Sequence[dict], label: str, sweep: str, task: str, metric: str) -> list[float]:
-    """The finite values of one metric over the runs of ``label`` at ``sweep`` (one per seed)."""
-    vals = [r["tasks"].get(task, {}).get(metric) for r in results
+def _values(results: Sequence[dict], label: str, sweep: str, task: str, metric: str,
+            split: str = "tasks") -> list[float]:
+    """The finite values of one metric over the runs of ``label`` at ``sweep`` (one per seed);
+    ``split="test"``: the test-split metrics of an interaction dataset (``metrics.json`` ``test``)."""
+    vals = [(r.get(split) or {}).get(task, {}).get(metric) for r in results
             if r["model"] == label and r.get("sweep", "") == sweep]
     return [float(v) for v in vals if _is_number(v) and math.isfinite(v)]
 
@@ -539,7 +541,8 @@ def results_markdown(results: Sequence[dict], tables: Mapping[str, Mapping[str, 
     over seeds; a ``gain`` column (PLE Eq. 11 vs ``single_task``) when ``single_task`` ran or no
     task is a full-ranking one; an ``Imp`` column (relative improvement over ``MODEL/ew``, in %)
     when some label has its ``MODEL/ew`` in the comparison. For a full-ranking main task, a second
-    table holds its every ranking metric (mean over seeds).
+    table holds its every ranking metric (mean over seeds), and when the runs evaluated a test split
+    (interaction datasets), a third its headline metrics on test (mean ± std, Imp over ``MODEL/ew``).
 
     Args:
         tables: ``{sweep tag: summarise(...)}`` (the tag ``""`` without a sweep).
@@ -588,6 +591,27 @@ def results_markdown(results: Sequence[dict], tables: Mapping[str, Mapping[str, 
                     s = _stats(_values(results, m, tag, main, k))
                     cells.append(f"{s['mean']:.4f}" if s["n"] else "n/a")
                 lines.append(f"| {m} | " + (f"{tag} | " if sweep else "") + " | ".join(cells) + " |")
+    tested = [h for h in headlines.get(main, []) if any(_values(results, m, tag, main, h, "test")
+                                                        for m in models for tag in tags)]
+    if tested:
+        lines += ["", f"main task `{main}` on the **test** split (the tables above: validation), mean ± std over "
+                      "seeds" + ("; Imp over `MODEL/ew`" if show_imp else "") + ":", ""]
+        head = ["model", *(["sweep"] if sweep else [])]
+        for h in tested:
+            head += [_display(h)] + ([f"{_display(h)} Imp"] if show_imp else [])
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for m in models:
+            for tag in tags:
+                row = [m, *([tag] if sweep else [])]
+                for h in tested:
+                    st = _stats(_values(results, m, tag, main, h, "test"))
+                    row.append(_mean_std(st))
+                    if show_imp:
+                        ref = _stats(_values(results, ew_reference(m), tag, main, h, "test"))
+                        imp = (relative_improvement(st["mean"], ref["mean"], higher_is_better(h))
+                               if ew_reference(m) != m and ref["n"] else None)
+                        row.append(_signed(imp, percent=True))
+                lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -109,6 +109,27 @@ def _schema() -> Schema:
                   tasks=(TaskSpec("rec"), TaskSpec("social"), TaskSpec("category")))
 
 
+def test_results_md_reports_the_test_split(tmp_path: Path) -> None:
+    runs = []
+    for label, vals in (("mf/ew", (0.10, 0.12)), ("mf/pmtrec", (0.13, 0.15))):
+        for seed, v in enumerate(vals):
+            r = _run(label, seed, v, 0.3, 0.6)
+            r["test"] = {"rec": _ranking(v / 2)}  # the test split's own numbers
+            runs.append(r)
+    models = ["mf/ew", "mf/pmtrec"]
+    write_reports(tmp_path, runs, _schema(), models, {m: 10 for m in models})
+    md = (tmp_path / "results.md").read_text()
+    test = md[md.index("on the **test** split"):]
+    assert "| model | recall@20 | recall@20 Imp | ndcg@20 | ndcg@20 Imp |" in test
+    ew, pm = np.mean([0.05, 0.06]) * 20 / 40, np.mean([0.065, 0.075]) * 20 / 40  # _ranking's recall@20
+    row = next(line for line in test.splitlines() if line.startswith("| mf/pmtrec |"))
+    assert f"{pm:.4f} ± {np.std([0.065 / 2, 0.075 / 2], ddof=1):.4f}" in row
+    assert f"{100 * (pm - ew) / ew:+.2f}%" in row
+    runs_without = [{k: v for k, v in r.items() if k != "test"} for r in runs]
+    write_reports(tmp_path / "v", runs_without, _schema(), models, {m: 10 for m in models})
+    assert "test** split" not in (tmp_path / "v" / "results.md").read_text()
+
+
 def test_reports_on_ranking_metrics_imp_vs_ew(tmp_path: Path) -> None:
     runs = [
         _run("mf/ew", 0, 0.10, 0.30, 0.60), _run("mf/ew", 1, 0.12, 0.30, 0.62),
