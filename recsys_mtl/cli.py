@@ -309,6 +309,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="every N steps: mean training loss and samples/s to the console, metrics.json's "
                         "train_log and TensorBoard (OUT/tensorboard, when installed) (default 10)")
     p.add_argument("--pipeline", choices=["sparse_dist", "base"], default=None)
+    p.add_argument("--compile-head", action="store_true",
+                   help="compile the dense head (everything after the embedding lookups, up to the loss) as one "
+                        "torch.compile graph; the first step compiles; pair models, masked-sharing models and "
+                        "--grad-combiner runs train eagerly and say so (default: eager)")
     p.add_argument("--debug", action="store_true",
                    help="print full tracebacks of data/config/checkpoint errors (default: one line per failing "
                         "rank, tracebacks in OUT/logs/)")
@@ -479,6 +483,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         train_kw["shuffle"] = False
     if args.resume_with_new_settings:
         train_kw["resume_with_new_settings"] = True
+    if args.compile_head:
+        train_kw["compile_head"] = True
     csrec_kw = {k: getattr(args, "csrec_" + k) for k in _CSREC_FLAGS if getattr(args, "csrec_" + k) is not None}
     if args.csrec_no_contrastive:
         csrec_kw["contrastive_loss"] = False
@@ -826,6 +832,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=20, help="timed steps per contender")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per contender")
     p.add_argument("--batch-size", type=int, default=None, help="override the workload's batch size")
+    p.add_argument("--variants", default="eager,compiled", metavar="V[,V]",
+                   help="w1, w2: recsys_mtl's variants, eager (contender recsys_mtl) and/or compiled "
+                        "(recsys_mtl_compiled: --compile-head; its warm-up includes the compilation)")
     p.add_argument("--wide-rows", type=int, default=None, metavar="ROWS",
                    help="plans: give 3 of the 32 tables ROWS rows each (where sharding starts to pay off)")
     p.set_defaults(func=_cmd_bench)
@@ -861,8 +870,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return 0
     from recsys_mtl.bench import run_bench
 
-    run_bench(args.workload, peers=args.peers, output=args.output, steps=args.steps, warmup=args.warmup,
-              batch_size=args.batch_size)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    try:
+        run_bench(args.workload, peers=args.peers, output=args.output, steps=args.steps, warmup=args.warmup,
+                  batch_size=args.batch_size, variants=variants)
+    except ValueError as e:
+        print(f"recsys-mtl bench: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

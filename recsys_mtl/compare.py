@@ -223,10 +223,13 @@ class Sweep:
 
 
 def count_parameters(schema: Schema, cfg: TrainConfig) -> int:
-    """Parameters (embedding rows x dim + dense) of ``cfg.model``, counted on ``meta``."""
+    """Parameters (embedding rows x dim + dense) of ``cfg.model``, counted on ``meta``; the zero
+    padding rows of a padded input's first layer are not counted."""
     from recsys_mtl.models import build_model
 
-    return sum(p.numel() for p in build_model(schema, cfg.model, device="meta").parameters())
+    model = build_model(schema, cfg.model, device="meta")
+    padding = sum(m.padding_numel() for m in model.modules() if hasattr(m, "padding_numel"))
+    return sum(p.numel() for p in model.parameters()) - padding
 
 
 def run_dir(out: Path, label: str, seed: int, sweep: str = "") -> Path:

@@ -1,9 +1,11 @@
 """Throughput benchmarks against peers (docs/design.md §7, §4.4).
 
-:func:`run_bench` trains recsys_mtl's pipelined, sharded model and, with ``peers=True``, the same
-architecture in plain PyTorch and (W1 only: torch-rechub has no STEM-Net) torch-rechub's PLE on
-the same pre-generated synthetic batches in one process, with ``torch`` on 2 threads, and returns
-(and optionally writes) the ``bench`` JSON.
+:func:`run_bench` trains recsys_mtl's pipelined, sharded model — eagerly (``recsys_mtl``) and with
+the compiled dense head (``recsys_mtl_compiled``, ``--compile-head``) — and, with ``peers=True``,
+the same architecture in plain PyTorch and (W1 only: torch-rechub has no STEM-Net) torch-rechub's
+PLE on the same pre-generated synthetic batches in one process, with ``torch`` on 2 threads, and
+returns (and optionally writes) the ``bench`` JSON, each contender's ``torch.profiler`` op-group
+profile included (:mod:`recsys_mtl.bench.profile`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import datetime
 import os
 import platform
 import sys
+from typing import Sequence
 
 import torch
 
@@ -24,7 +27,9 @@ from recsys_mtl.bench.workloads import Workload, get_workload, make_batches
 __all__ = ["run_bench", "format_table", "get_workload", "Workload"]
 
 THREADS = 2
-CONTENDERS = ("recsys_mtl", "plain_pytorch", "torch_rechub")
+CONTENDERS = ("recsys_mtl", "recsys_mtl_compiled", "plain_pytorch", "torch_rechub")
+# recsys_mtl's variants: eager, and the dense head compiled (recsys_mtl.train.compiled).
+VARIANTS = {"eager": "recsys_mtl", "compiled": "recsys_mtl_compiled"}
 # Peers that implement each model; torch-rechub has no STEM-Net, so W2 reports no torch_rechub key.
 PEERS_FOR_MODEL = {"ple": ("plain_pytorch", "torch_rechub"), "stem": ("plain_pytorch",)}
 
@@ -63,6 +68,7 @@ def run_bench(
     batch_size: int | None = None,
     show_progress: bool | None = None,
     print_table: bool = True,
+    variants: Sequence[str] = ("eager", "compiled"),
 ) -> dict:
     """Benchmarks ``workload`` and returns the ``bench`` JSON (docs/design.md §4.4), extra keys included.
 
@@ -76,15 +82,23 @@ def run_bench(
         batch_size (int | None): override the workload's batch size.
         show_progress (bool | None): tqdm bar on stderr (default: when stderr is a terminal).
         print_table (bool): print :func:`format_table`'s summary to stdout.
+        variants (Sequence[str]): recsys_mtl's variants to run: ``eager`` (contender
+            ``recsys_mtl``) and/or ``compiled`` (``recsys_mtl_compiled``: the dense head compiled;
+            its warm-up includes a cold compile of tens of seconds).
 
     Returns:
-        dict: ``{"workload", "batch_size", "samples_per_s": {contender: float}, "gemm_gflops", ...}``.
+        dict: ``{"workload", "batch_size", "samples_per_s": {contender: float}, "gemm_gflops",
+        "ratios", "profile": {contender: {"ms": {group: ms/step}, "gemm_gflops", "wall_ms"}}, ...}``.
     """
     if steps < 1 or warmup < 0:
         raise ValueError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        raise ValueError(f"unknown recsys_mtl variants {unknown or list(variants)}; choose from {', '.join(VARIANTS)}")
     w = get_workload(workload)
     bsz = batch_size or w.batch_size
-    names = ["recsys_mtl"] + (list(PEERS_FOR_MODEL[w.model.name]) if peers else [])
+    ours = [VARIANTS[v] for v in dict.fromkeys(variants)]
+    names = ours + (list(PEERS_FOR_MODEL[w.model.name]) if peers else [])
     threads_before = torch.get_num_threads()
     torch.set_num_threads(THREADS)
     try:
@@ -115,7 +129,11 @@ def run_bench(
         "ms_per_step": {c.name: {"median": 1e3 * median_s(c), **c.ms_per_step} for c in contenders},
         "dense_gflop_per_sample": flops["fwd_bwd"] / 1e9,
         "fraction_of_gemm_limit": {k: v * flops["fwd_bwd"] / (gemm * 1e9) for k, v in sps.items()},
-        "ratios": {f"recsys_mtl/{k}": sps["recsys_mtl"] / v for k, v in sps.items() if k != "recsys_mtl"},
+        # each recsys_mtl variant over each peer, and the compiled head over eager
+        "ratios": {f"{o}/{k}": sps[o] / v for o in ours for k, v in sps.items() if k not in VARIANTS.values()}
+        | ({"recsys_mtl_compiled/recsys_mtl": sps["recsys_mtl_compiled"] / sps["recsys_mtl"]}
+           if len(ours) == 2 else {}),
+        "profile": {c.name: c.profile for c in contenders},
         "peak_rss_mb": peak_rss_mb(),
         "rss_delta_mb": {c.name: c.rss_delta_mb for c in contenders},
         "scale": w.scale,
@@ -133,23 +151,31 @@ def run_bench(
 
 
 def format_table(result: dict) -> str:
-    """Readable summary: samples/s, median ms/step and its breakdown, ratio ours / peer."""
+    """Readable summary: samples/s, median ms/step and its breakdown, ratio of each recsys_mtl
+    variant over each contender, and each contender's profiled op groups (ms/step)."""
     sps, ms = result["samples_per_s"], result["ms_per_step"]
+    ours = [n for n in VARIANTS.values() if n in sps]
+    short = {"recsys_mtl": "eager/x", "recsys_mtl_compiled": "compiled/x"}
     lines = [
         f"workload {result['workload']}  batch {result['batch_size']}  threads {result['torch_threads']}  "
         f"GEMM {result['gemm_gflops']:.0f} GFLOP/s  dense {result['dense_gflop_per_sample'] * 1e3:.2f} MFLOP/sample",
-        f"{'contender':<15}{'samples/s':>11}{'ms/step':>9}{'emb':>8}{'dense':>8}{'optim':>8}"
-        f"{'%GEMM':>7}{'ours/x':>8}",
+        f"{'contender':<20}{'samples/s':>11}{'ms/step':>9}{'emb':>8}{'dense':>8}{'optim':>8}{'%GEMM':>7}"
+        + "".join(f"{short[o]:>12}" for o in ours),
     ]
     for name, v in sps.items():
         b = ms[name]
-        ratio = sps["recsys_mtl"] / v
         lines.append(
-            f"{name:<15}{v:>11.0f}{b['median']:>9.1f}{b['embedding']:>8.1f}{b['dense']:>8.1f}{b['optimizer']:>8.1f}"
-            f"{100 * result['fraction_of_gemm_limit'][name]:>6.1f}%{ratio:>7.2f}x"
+            f"{name:<20}{v:>11.0f}{b['median']:>9.1f}{b['embedding']:>8.1f}{b['dense']:>8.1f}{b['optimizer']:>8.1f}"
+            f"{100 * result['fraction_of_gemm_limit'][name]:>6.1f}%" + "".join(f"{sps[o] / v:>11.2f}x" for o in ours)
         )
+    groups = ("gemm", "elementwise", "copies", "compiled_kernels", "embedding", "optimizer", "other")
+    lines.append(f"{'profile (ms/step)':<20}" + "".join(f"{g[:10]:>11}" for g in groups) + f"{'GEMM GF/s':>11}")
+    for name, p in result.get("profile", {}).items():
+        if p:
+            lines.append(f"{name:<20}" + "".join(f"{p['ms'][g]:>11.1f}" for g in groups) + f"{p['gemm_gflops']:>11.0f}")
     lines.append(
-        f"samples/s = batch / median step; emb/dense/optim = unpipelined breakdown (ms/step); "
-        f"peak RSS {result['peak_rss_mb']:.0f} MiB"
+        f"samples/s = batch / median step; emb/dense/optim = unpipelined breakdown (ms/step); profile = "
+        f"torch.profiler self time by op group over {next(iter(result.get('profile', {}).values()), {}).get('steps', 0)} "
+        f"steps; peak RSS {result['peak_rss_mb']:.0f} MiB"
     )
     return "\n".join(lines)

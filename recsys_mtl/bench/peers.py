@@ -312,14 +312,10 @@ def load_from_recsys_mtl(plain: nn.Module, ours: nn.Module) -> nn.Module:
         for i in range(m):
             for layer in range(level.shared_experts.num_layers):
                 copy_linear(plain_level.shared_experts[i][2 * layer], *level.shared_experts.expert_parameters(layer, i))
-        gates, e = level.task_gates, n + m
         for k in range(t):
-            if gates.grouped_input:
-                copy_linear(plain_level.task_gates[k], gates.weight[k], gates.bias[k, 0])
-            else:
-                copy_linear(plain_level.task_gates[k], gates.weight[:, k * e : (k + 1) * e], gates.bias[0, k * e : (k + 1) * e])
+            copy_linear(plain_level.task_gates[k], *level.task_gates.gate_parameters(k))
         if level.shared_gate is not None:
-            copy_linear(plain_level.shared_gate, level.shared_gate.weight, level.shared_gate.bias)
+            copy_linear(plain_level.shared_gate, *level.shared_gate.gate_parameters(0))
     for task, tower in ours.towers.items():
         hidden = [mod for mod in tower.mlp if isinstance(mod, nn.Linear)]
         for j, lin in enumerate(hidden):

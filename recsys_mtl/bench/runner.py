@@ -1,8 +1,11 @@
 """The contenders as step functions, driven in interleaved rounds on the same batches.
 
-Each contender is built, warmed up and profiled (an unpipelined per-phase breakdown) in turn;
-then the timed steps run round-robin in chunks, so background load on a shared machine hits
-every contender alike. Workloads too large for all contenders to live in one process at once
+Each contender is built, warmed up and profiled in turn (an unpipelined per-phase breakdown,
+then ``torch.profiler`` op groups of its real steps: :mod:`recsys_mtl.bench.profile`); then the
+timed steps run round-robin in chunks, so background load on a shared machine hits every
+contender alike. recsys_mtl runs as two contenders: ``recsys_mtl`` (eager) and
+``recsys_mtl_compiled`` (``--compile-head``: :mod:`recsys_mtl.train.compiled`; its warm-up
+includes the compilation). Workloads too large for all contenders to live in one process at once
 (``Workload.sequential``, W2) instead build, time and free each contender in turn. Throughput
 is the batch size over the median step time.
 """
@@ -22,6 +25,7 @@ import torch.distributed as dist
 
 from recsys_mtl.bench import peers
 from recsys_mtl.bench.ours import build_ours, find_ebcs
+from recsys_mtl.bench.profile import profile_groups
 from recsys_mtl.bench.timing import StepTimer
 from recsys_mtl.bench.workloads import Workload
 from recsys_mtl.types import MTLBatch
@@ -37,6 +41,7 @@ class Contender:
     step_times: list[float] = field(default_factory=list)
     rss_delta_mb: float = 0.0
     rss_mb: float = 0.0
+    profile: dict = field(default_factory=dict)
     cleanup: Callable[[], None] = lambda: None
 
 
@@ -63,12 +68,21 @@ def _finish_breakdown(timer: StepTimer) -> dict[str, float]:
     }
 
 
-def make_ours(workload: Workload, batches: list[MTLBatch], warmup: int, profile_steps: int) -> Contender:
-    """recsys_mtl: sharded model (fused row-wise Adagrad tables) + dense Adam, ``TrainPipelineSparseDist``."""
+PROFILE_STEPS = 3  # steps each contender runs under torch.profiler (after its warm-up)
+
+
+def make_ours(workload: Workload, batches: list[MTLBatch], warmup: int, profile_steps: int,
+              compiled: bool = False) -> Contender:
+    """recsys_mtl: sharded model (fused row-wise Adagrad tables) + dense Adam, ``TrainPipelineSparseDist``;
+    with ``compiled``, the dense head compiled (``--compile-head``)."""
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+    from recsys_mtl.train.compiled import compile_head
 
     created_pg = not dist.is_initialized()
     dmp, opt, device = build_ours(workload, batches[0].batch_size)
+    if compiled:
+        compile_head(dmp.module)  # compiles in the first warm-up step below
     ebcs = find_ebcs(dmp)  # PLE: the input tables; STEM-Net: shared + per-task table sets
     timer = StepTimer()
     # Unpipelined breakdown first: the pipeline later rewires the tables' forward.
@@ -86,14 +100,21 @@ def make_ours(workload: Workload, batches: list[MTLBatch], warmup: int, profile_
             sum(ebc(batch.sparse).values().sum() for ebc in ebcs).backward()
     pipeline = TrainPipelineSparseDist(dmp, opt, device)
     it = itertools.cycle(batches)
-    for _ in range(warmup):
+    for _ in range(max(1, warmup)):  # (at least one: the compiled head compiles in its first step)
         pipeline.progress(it)
+    profile = profile_groups(lambda: pipeline.progress(it), PROFILE_STEPS)
 
     def cleanup() -> None:
         if created_pg and dist.is_initialized():
             dist.destroy_process_group()
 
-    return Contender("recsys_mtl", lambda: pipeline.progress(it), _finish_breakdown(timer), cleanup=cleanup)
+    name = "recsys_mtl_compiled" if compiled else "recsys_mtl"
+    return Contender(name, lambda: pipeline.progress(it), _finish_breakdown(timer), profile=profile, cleanup=cleanup)
+
+
+def make_ours_compiled(workload: Workload, batches: list[MTLBatch], warmup: int, profile_steps: int) -> Contender:
+    """recsys_mtl with ``--compile-head``: the dense head after the table lookups as one compiled graph."""
+    return make_ours(workload, batches, warmup, profile_steps, compiled=True)
 
 
 def make_plain(workload: Workload, batches: list[MTLBatch], warmup: int, profile_steps: int) -> Contender:
@@ -127,7 +148,8 @@ def make_plain(workload: Workload, batches: list[MTLBatch], warmup: int, profile
     it = itertools.cycle(inputs)
     for _ in range(warmup):
         train_step(*next(it))
-    return Contender("plain_pytorch", lambda: train_step(*next(it)), _finish_breakdown(timer))
+    profile = profile_groups(lambda: train_step(*next(it)), PROFILE_STEPS)
+    return Contender("plain_pytorch", lambda: train_step(*next(it)), _finish_breakdown(timer), profile=profile)
 
 
 def make_rechub(workload: Workload, batches: list[MTLBatch], warmup: int, profile_steps: int) -> Contender:
@@ -162,11 +184,12 @@ def make_rechub(workload: Workload, batches: list[MTLBatch], warmup: int, profil
 
     for _ in range(warmup):
         step()
-    return Contender("torch_rechub", step, _finish_breakdown(timer))
+    return Contender("torch_rechub", step, _finish_breakdown(timer), profile=profile_groups(step, PROFILE_STEPS))
 
 
 BUILDERS = {
     "recsys_mtl": make_ours,
+    "recsys_mtl_compiled": make_ours_compiled,
     "plain_pytorch": make_plain,
     "torch_rechub": make_rechub,
 }

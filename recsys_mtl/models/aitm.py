@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from recsys_mtl.modules.activations import ReLU
 from recsys_mtl.modules.embeddings import SparseDenseInput
 from recsys_mtl.modules.mlp import MLP, Tower
 
@@ -102,10 +103,10 @@ class AITM(nn.Module):
         self.calibrator_weight = calibrator_weight
         self.input = SparseDenseInput(embedding_bag_collection, dense_in_features)
         d = self.input.out_features
-        self.bottoms = nn.ModuleDict({t: MLP(d, bottom_layer_sizes) for t in self.tasks})
+        self.bottoms = nn.ModuleDict({t: MLP(d, bottom_layer_sizes, zero_rows=self.input.padding) for t in self.tasks})
         k = bottom_layer_sizes[-1]
         # Info from task t to t+1 (none out of the last task); AIT for every task but the first.
-        self.info = nn.ModuleDict({t: nn.Sequential(nn.Linear(k, k), nn.ReLU()) for t in self.tasks[:-1]})
+        self.info = nn.ModuleDict({t: nn.Sequential(nn.Linear(k, k), ReLU()) for t in self.tasks[:-1]})
         self.transfer = nn.ModuleDict({t: AdaptiveInformationTransfer(k) for t in self.tasks[1:]})
         self.towers = nn.ModuleDict({t: Tower(k, tower_layer_sizes) for t in self.tasks})
 

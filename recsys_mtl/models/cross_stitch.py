@@ -59,7 +59,7 @@ class CrossStitch(nn.Module):
         self.tasks = list(tasks)
         self.input = SparseDenseInput(embedding_bag_collection, dense_in_features)
         t = len(self.tasks)
-        self.columns = TaskColumns(self.input.out_features, bottom_layer_sizes, t)
+        self.columns = TaskColumns(self.input.out_features, bottom_layer_sizes, t, zero_rows=self.input.padding)
         self.stitches = nn.ModuleList([CrossStitchUnit(t, self_weight) for _ in bottom_layer_sizes])
         self.towers = nn.ModuleDict({task: Tower(self.columns.out_features, tower_layer_sizes) for task in self.tasks})
 

@@ -124,7 +124,8 @@ class ESMM(nn.Module):
             raise ValueError(f"ESMM needs >= 2 funnel tasks (CTR, CTCVR), got {list(tasks)}")
         self.tasks = list(tasks)
         self.input = SparseDenseInput(embedding_bag_collection, dense_in_features)
-        self.towers = nn.ModuleDict({t: Tower(self.input.out_features, tower_layer_sizes) for t in self.tasks})
+        self.towers = nn.ModuleDict({t: Tower(self.input.out_features, tower_layer_sizes, zero_rows=self.input.padding)
+                                     for t in self.tasks})
 
     def training_targets(
         self, labels: torch.Tensor, label_mask: torch.Tensor

@@ -68,7 +68,8 @@ class MLMMoE(nn.Module):
         self.tasks = list(tasks)
         self.input = SparseDenseInput(embedding_bag_collection, dense_in_features)
         d = self.input.out_features
-        experts = [Experts(d, expert_layer_sizes, num_experts)]
+        pad = self.input.padding
+        experts = [Experts(d, expert_layer_sizes, num_experts, zero_rows=pad)]
         h = experts[0].out_features
         # Level j+1's E experts each read their own mixture: one group of one expert per input slice.
         experts += [
@@ -76,8 +77,8 @@ class MLMMoE(nn.Module):
         ]
         self.experts = nn.ModuleList(experts)
         # Gates between levels (one per upper-level expert) and the task gates; all read x.
-        self.level_gates = nn.ModuleList([Gates(d, num_experts, num_experts) for _ in range(1, num_levels)])
-        self.task_gates = Gates(d, num_experts, len(self.tasks))
+        self.level_gates = nn.ModuleList([Gates(d, num_experts, num_experts, zero_rows=pad) for _ in range(1, num_levels)])
+        self.task_gates = Gates(d, num_experts, len(self.tasks), zero_rows=pad)
         self.towers = nn.ModuleDict({t: Tower(h, tower_layer_sizes) for t in self.tasks})
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> dict[str, torch.Tensor]:

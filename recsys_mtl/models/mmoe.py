@@ -52,8 +52,8 @@ class MMoE(nn.Module):
         self.one_gate = one_gate
         self.input = SparseDenseInput(embedding_bag_collection, dense_in_features)
         d = self.input.out_features
-        self.experts = Experts(d, expert_layer_sizes, num_experts)
-        self.gates = Gates(d, num_experts, 1 if one_gate else len(self.tasks))
+        self.experts = Experts(d, expert_layer_sizes, num_experts, zero_rows=self.input.padding)
+        self.gates = Gates(d, num_experts, 1 if one_gate else len(self.tasks), zero_rows=self.input.padding)
         h = self.experts.out_features
         self.towers = nn.ModuleDict({t: Tower(h, tower_layer_sizes) for t in self.tasks})
 

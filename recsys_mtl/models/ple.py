@@ -33,6 +33,8 @@ class ExtractionLayer(nn.Module):
         with_shared_gate (bool): compute the shared branch output (all but the last level).
         grouped_input (bool): task branches read ``T x B x D`` (levels after the first) instead
             of one ``B x D`` input shared by all branches (the first level).
+        zero_rows (int): zero padding columns at the end of the input (the first level's;
+            see :class:`~recsys_mtl.modules.embeddings.SparseDenseInput`).
     """
 
     def __init__(
@@ -44,18 +46,22 @@ class ExtractionLayer(nn.Module):
         expert_layer_sizes: Sequence[int],
         with_shared_gate: bool,
         grouped_input: bool,
+        zero_rows: int = 0,
     ) -> None:
         super().__init__()
         self.num_tasks, self.n, self.m = num_tasks, num_task_experts, num_shared_experts
         self.task_experts = Experts(
-            in_features, expert_layer_sizes, num_task_experts, num_tasks, grouped_input=grouped_input
+            in_features, expert_layer_sizes, num_task_experts, num_tasks, grouped_input=grouped_input,
+            zero_rows=zero_rows,
         )
-        self.shared_experts = Experts(in_features, expert_layer_sizes, num_shared_experts)
+        self.shared_experts = Experts(in_features, expert_layer_sizes, num_shared_experts, zero_rows=zero_rows)
         self.task_gates = Gates(
-            in_features, num_task_experts + num_shared_experts, num_tasks, grouped_input=grouped_input
+            in_features, num_task_experts + num_shared_experts, num_tasks, grouped_input=grouped_input,
+            zero_rows=zero_rows,
         )
         self.shared_gate = (
-            Gates(in_features, num_tasks * num_task_experts + num_shared_experts) if with_shared_gate else None
+            Gates(in_features, num_tasks * num_task_experts + num_shared_experts, zero_rows=zero_rows)
+            if with_shared_gate else None
         )
         self.out_features = self.task_experts.out_features
 
@@ -76,6 +82,9 @@ class ExtractionLayer(nn.Module):
         shared_out = self.shared_experts(shared_input)  # m x B x H
         bsz, h = shared_out.shape[1], shared_out.shape[2]
         own = task_out.view(t, n, bsz, h)  # T x n x B x H
+        # The gates keep their own GEMMs: merged into the experts' GEMM of the same input (their
+        # weight columns concatenated to weight_0, one addmm, the output split) the W1 step was
+        # 0.96x eager and 1.01x compiled (2026-12-02, shared 2-core machine, within the noise).
         weights = self.task_gates(task_inputs).unsqueeze(-1)  # T x B x (n+m) x 1
         # The mixtures contract over only n+m (or T*n+m) experts: a multiply-accumulate per expert
         # reads each expert output once, where an einsum would lower to thousands of tiny bmms
@@ -104,15 +113,18 @@ def extraction_levels(
     num_shared_experts: int,
     expert_layer_sizes: Sequence[int],
     first_level_grouped: bool,
+    zero_rows: int = 0,
 ) -> tuple[nn.ModuleList, int]:
     """``num_levels`` stacked :class:`ExtractionLayer` (the shared gate dropped at the last level)
     and the output width. ``first_level_grouped``: the first level's task branches already read
-    per-task inputs (ME-PLE's task tables) instead of one shared input (PLE)."""
+    per-task inputs (ME-PLE's task tables) instead of one shared input (PLE). ``zero_rows``: zero
+    padding columns of the first level's input."""
     levels, d = [], in_features
     for j in range(num_levels):
         level = ExtractionLayer(
             d, num_tasks, num_task_experts, num_shared_experts, expert_layer_sizes,
             with_shared_gate=j < num_levels - 1, grouped_input=first_level_grouped or j > 0,
+            zero_rows=zero_rows if j == 0 else 0,
         )
         levels.append(level)
         d = level.out_features
@@ -162,7 +174,7 @@ class PLE(nn.Module):
         self.input = SparseDenseInput(embedding_bag_collection, dense_in_features)
         self.levels, d = extraction_levels(
             self.input.out_features, len(self.tasks), num_levels, num_task_experts, num_shared_experts,
-            expert_layer_sizes, first_level_grouped=False,
+            expert_layer_sizes, first_level_grouped=False, zero_rows=self.input.padding,
         )
         self.towers = nn.ModuleDict({t: Tower(d, tower_layer_sizes) for t in self.tasks})
 

@@ -68,7 +68,7 @@ class AsymmetricSharing(nn.Module):
         self.fusion = fusion
         self.input = SparseDenseInput(embedding_bag_collection, dense_in_features)
         d = self.input.out_features
-        self.bottoms = nn.ModuleDict({t: MLP(d, bottom_layer_sizes) for t in self.tasks})
+        self.bottoms = nn.ModuleDict({t: MLP(d, bottom_layer_sizes, zero_rows=self.input.padding) for t in self.tasks})
         h = bottom_layer_sizes[-1]
         fused = 2 * h if fusion == "concat" else h
         self.towers = nn.ModuleDict(
@@ -126,8 +126,8 @@ class CustomizedSharing(nn.Module):
         self.tasks = list(tasks)
         self.input = SparseDenseInput(embedding_bag_collection, dense_in_features)
         d = self.input.out_features
-        self.shared_bottom = MLP(d, bottom_layer_sizes)
-        self.task_bottoms = nn.ModuleDict({t: MLP(d, bottom_layer_sizes) for t in self.tasks})
+        self.shared_bottom = MLP(d, bottom_layer_sizes, zero_rows=self.input.padding)
+        self.task_bottoms = nn.ModuleDict({t: MLP(d, bottom_layer_sizes, zero_rows=self.input.padding) for t in self.tasks})
         h = bottom_layer_sizes[-1]
         self.towers = nn.ModuleDict({t: Tower(2 * h, tower_layer_sizes) for t in self.tasks})
 

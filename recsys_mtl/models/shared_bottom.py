@@ -44,7 +44,7 @@ class SharedBottom(nn.Module):
         super().__init__()
         self.tasks = list(tasks)
         self.input = SparseDenseInput(embedding_bag_collection, dense_in_features)
-        self.bottom = MLP(self.input.out_features, bottom_layer_sizes)
+        self.bottom = MLP(self.input.out_features, bottom_layer_sizes, zero_rows=self.input.padding)
         self.towers = nn.ModuleDict({t: Tower(self.bottom.out_features, tower_layer_sizes) for t in self.tasks})
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
@@ -86,11 +86,17 @@ class SingleTask(nn.Module):
             {t: SparseDenseInput(ebc, dense_in_features) for t, ebc in task_embedding_bag_collections.items()}
         )
         self.bottoms = nn.ModuleDict(
-            {t: MLP(self.inputs[t].out_features, bottom_layer_sizes) for t in self.tasks}
+            {t: MLP(self.inputs[t].out_features, bottom_layer_sizes, zero_rows=self.inputs[t].padding) for t in self.tasks}
         )
         self.towers = nn.ModuleDict(
             {t: Tower(self.bottoms[t].out_features, tower_layer_sizes) for t in self.tasks}
         )
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
-        return {t: self.towers[t](self.bottoms[t](self.inputs[t](dense, sparse))) for t in self.tasks}
+        # Every table lookup first, then the dense parts: a compiled head is then one graph after
+        # the lookups (each lookup is a graph break) instead of one graph per task.
+        pooled = [self.inputs[t].lookup(sparse) for t in self.tasks]
+        logits = {}
+        for t, kt in zip(self.tasks, pooled):
+            logits[t] = self.towers[t](self.bottoms[t](self.inputs[t].assemble(dense, kt)))  # B
+        return logits

@@ -66,7 +66,7 @@ class Sluice(nn.Module):
         self.num_subspaces = num_subspaces
         self.input = SparseDenseInput(embedding_bag_collection, dense_in_features)
         t = len(self.tasks)
-        self.columns = TaskColumns(self.input.out_features, bottom_layer_sizes, t)
+        self.columns = TaskColumns(self.input.out_features, bottom_layer_sizes, t, zero_rows=self.input.padding)
         self.stitches = nn.ModuleList([CrossStitchUnit(t * num_subspaces, self_weight) for _ in bottom_layer_sizes])
         self.layer_weights = LayerWeights(t, len(bottom_layer_sizes))
         self.towers = nn.ModuleDict({task: Tower(sum(bottom_layer_sizes), tower_layer_sizes) for task in self.tasks})

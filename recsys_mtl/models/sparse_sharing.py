@@ -88,7 +88,9 @@ class MaskedSharingModel(nn.Module):
         if not self.tasks or len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"{type(self).__name__} needs distinct task names, got {self.tasks}")
         self.num_tasks = len(self.tasks)
-        self.input = SparseDenseInput(embedding_bag_collection, dense_in_features)
+        # Unpadded: the masks prune weight entries by magnitude and count them (sparsity), and
+        # padding rows would take part in both.
+        self.input = SparseDenseInput(embedding_bag_collection, dense_in_features, pad_to=1)
         self._tower_layer_sizes = list(tower_layer_sizes)
         self._field_columns = input_field_columns(self.input)
         self._task_subnets = list(range(self.num_tasks))

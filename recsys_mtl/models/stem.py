@@ -30,7 +30,13 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recsys_mtl.modules.embeddings import FeatureRegroup, cat_dense, ebc_out_features, embedded_features
+from recsys_mtl.modules.embeddings import (
+    FeatureRegroup,
+    cat_dense,
+    ebc_out_features,
+    embedded_features,
+    embedding_lookup,
+)
 from recsys_mtl.modules.experts import Experts
 from recsys_mtl.modules.mlp import MLP, Tower
 
@@ -146,9 +152,9 @@ class STEMNet(nn.Module):
     def embed(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the shared input ``B x D`` and the stacked task inputs ``T x B x D``."""
         d = dense if self.dense_in_features > 0 else None
-        kts = [self.shared_ebc(sparse)]
+        kts = [embedding_lookup(self.shared_ebc, sparse)]
         if self.specific_features:  # fixed at construction (torch.fx-traceable)
-            kts += [self.task_ebcs[t](sparse) for t in self.tasks]
+            kts += [embedding_lookup(self.task_ebcs[t], sparse) for t in self.tasks]
         # One B x sum(D) block per group, columns in self.features order. Indexed by constants
         # only: under the pipeline's tracer the result is a single opaque node.
         parts = self.regroup(kts)

@@ -58,6 +58,8 @@ class TaskColumns(nn.Module):
         in_features (int): input width ``D``.
         layer_sizes (Sequence[int]): widths of each column's layers.
         num_tasks (int): columns ``T``.
+        zero_rows (int): zero padding columns at the end of the input (layer 0's; see
+            :class:`~recsys_mtl.modules.experts.Experts`).
 
     Example::
 
@@ -67,13 +69,13 @@ class TaskColumns(nn.Module):
         torch.Size([2, 5, 4])
     """
 
-    def __init__(self, in_features: int, layer_sizes: Sequence[int], num_tasks: int) -> None:
+    def __init__(self, in_features: int, layer_sizes: Sequence[int], num_tasks: int, zero_rows: int = 0) -> None:
         super().__init__()
         if not layer_sizes:
             raise ValueError("TaskColumns needs at least one layer")
         sizes = [in_features, *layer_sizes]
         self.layers = nn.ModuleList(
-            [Experts(sizes[0], [sizes[1]], num_experts=num_tasks)]
+            [Experts(sizes[0], [sizes[1]], num_experts=num_tasks, zero_rows=zero_rows)]
             + [
                 Experts(sizes[i], [sizes[i + 1]], 1, num_groups=num_tasks, grouped_input=True)
                 for i in range(1, len(layer_sizes))

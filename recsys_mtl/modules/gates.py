@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from recsys_mtl.modules.experts import uniform_rows_
+
 
 class Gates(nn.Module):
     """``num_gates`` gates, each ``Linear(D, num_choices)`` + softmax (MMoE / PLE gates).
@@ -17,6 +19,8 @@ class Gates(nn.Module):
         num_gates (int): gates ``G``.
         grouped_input (bool): each gate reads its own slice of a ``G x B x D`` input
             (instead of one shared ``B x D``); fixed at construction for ``torch.fx`` tracing.
+        zero_rows (int): the last ``zero_rows`` input features are zero padding (weight rows
+            start at zero and stay there; see :class:`~recsys_mtl.modules.experts.Experts`).
 
     Example::
 
@@ -27,8 +31,12 @@ class Gates(nn.Module):
         True
     """
 
-    def __init__(self, in_features: int, num_choices: int, num_gates: int = 1, grouped_input: bool = False) -> None:
+    def __init__(self, in_features: int, num_choices: int, num_gates: int = 1, grouped_input: bool = False,
+                 zero_rows: int = 0) -> None:
         super().__init__()
+        if not 0 <= zero_rows < in_features:
+            raise ValueError(f"Gates: zero_rows must be in [0, {in_features}), got {zero_rows}")
+        self.zero_rows = zero_rows
         self.grouped_input = grouped_input
         self.in_features, self.num_choices, self.num_gates = in_features, num_choices, num_gates
         # Stored in the layout its GEMM reads: D x (G*E) for a shared input, G x D x E grouped.
@@ -41,9 +49,22 @@ class Gates(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        bound = 1.0 / math.sqrt(self.in_features)
-        nn.init.uniform_(self.weight, -bound, bound)
+        fan_in = self.in_features - self.zero_rows
+        bound = 1.0 / math.sqrt(fan_in)
+        uniform_rows_(self.weight, fan_in, bound)
         nn.init.uniform_(self.bias, -bound, bound)
+
+    def padding_numel(self) -> int:
+        """Entries of the zero padding rows (structural zeros, not model parameters)."""
+        return self.zero_rows * self.weight.numel() // self.weight.shape[-2]
+
+    def gate_parameters(self, gate: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of gate ``gate``'s ``D x E`` weight (without the zero padding rows) and ``E`` bias."""
+        rows, e = self.in_features - self.zero_rows, self.num_choices
+        if self.grouped_input:
+            return self.weight[gate, :rows], self.bias[gate, 0]
+        cols = slice(gate * e, (gate + 1) * e)
+        return self.weight[:rows, cols], self.bias[0, cols]
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``B x D`` (or ``G x B x D`` with ``grouped_input``) -> ``G x B x E`` scores."""

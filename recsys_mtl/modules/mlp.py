@@ -2,19 +2,75 @@
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 from torch import nn
 
+from recsys_mtl.modules.activations import ReLU
+
+
+class PaddedLinear(nn.Linear):
+    """``nn.Linear`` whose last ``zero_rows`` input features are zero padding
+    (:class:`~recsys_mtl.modules.embeddings.SparseDenseInput`).
+
+    Their weight columns start at zero and stay there (zero inputs: zero gradients, zero updates),
+    so the layer computes the function of an ``in_features - zero_rows`` wide ``nn.Linear``; the
+    other weights and the bias are initialised exactly as that layer's would be (same shapes, same
+    random draws).
+
+    Example::
+
+        >>> torch.manual_seed(0); plain = nn.Linear(3, 2)  # doctest: +ELLIPSIS
+        <...>
+        >>> torch.manual_seed(0); padded = PaddedLinear(4, 2, zero_rows=1)  # doctest: +ELLIPSIS
+        <...>
+        >>> bool(torch.equal(padded.weight[:, :3], plain.weight)), padded.weight[:, 3].abs().sum().item()
+        (True, 0.0)
+    """
+
+    def __init__(self, in_features: int, out_features: int, zero_rows: int = 0, bias: bool = True) -> None:
+        if not 0 <= zero_rows < in_features:
+            raise ValueError(f"PaddedLinear: zero_rows must be in [0, {in_features}), got {zero_rows}")
+        self.zero_rows = zero_rows  # read by reset_parameters, which nn.Linear's __init__ calls
+        super().__init__(in_features, out_features, bias=bias)
+
+    def reset_parameters(self) -> None:
+        if not self.zero_rows:
+            return super().reset_parameters()
+        fan_in = self.in_features - self.zero_rows
+        real = torch.empty(self.out_features, fan_in, dtype=self.weight.dtype, device=self.weight.device)
+        nn.init.kaiming_uniform_(real, a=math.sqrt(5))  # nn.Linear's init of an out x fan_in weight
+        with torch.no_grad():
+            self.weight.zero_()
+            self.weight[:, :fan_in].copy_(real)
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(fan_in)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def padding_numel(self) -> int:
+        """Entries of the zero padding columns (structural zeros, not model parameters)."""
+        return self.zero_rows * self.out_features
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, zero_rows={self.zero_rows}"
+
+
+def linear(in_features: int, out_features: int, zero_rows: int = 0) -> nn.Linear:
+    """``nn.Linear``, or :class:`PaddedLinear` when the input has zero padding columns."""
+    return PaddedLinear(in_features, out_features, zero_rows) if zero_rows else nn.Linear(in_features, out_features)
+
 
 class MLP(nn.Sequential):
-    """Linear + ReLU stack; every layer, including the last, is followed by ReLU.
+    """Linear + ReLU stack; every layer, including the last, is followed by ReLU
+    (:class:`~recsys_mtl.modules.activations.ReLU`: its compiled backward reads the saved output).
 
     Args:
         in_features (int): input width ``D``.
         layer_sizes (Sequence[int]): output widths of the layers.
         dropout (float): dropout after each activation (0 disables).
+        zero_rows (int): zero padding columns at the end of the input (see :class:`PaddedLinear`).
 
     Example::
 
@@ -22,10 +78,10 @@ class MLP(nn.Sequential):
         torch.Size([3, 4])
     """
 
-    def __init__(self, in_features: int, layer_sizes: Sequence[int], dropout: float = 0.0) -> None:
+    def __init__(self, in_features: int, layer_sizes: Sequence[int], dropout: float = 0.0, zero_rows: int = 0) -> None:
         layers: list[nn.Module] = []
-        for size in layer_sizes:
-            layers += [nn.Linear(in_features, size), nn.ReLU()]
+        for i, size in enumerate(layer_sizes):
+            layers += [linear(in_features, size, zero_rows if i == 0 else 0), ReLU()]
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
             in_features = size
@@ -39,6 +95,7 @@ class Tower(nn.Module):
     Args:
         in_features (int): input width ``D``.
         layer_sizes (Sequence[int]): hidden widths before the output layer.
+        zero_rows (int): zero padding columns at the end of the input (see :class:`PaddedLinear`).
 
     Example::
 
@@ -46,10 +103,10 @@ class Tower(nn.Module):
         torch.Size([3])
     """
 
-    def __init__(self, in_features: int, layer_sizes: Sequence[int]) -> None:
+    def __init__(self, in_features: int, layer_sizes: Sequence[int], zero_rows: int = 0) -> None:
         super().__init__()
-        self.mlp = MLP(in_features, layer_sizes)
-        self.out = nn.Linear(self.mlp.out_features, 1)
+        self.mlp = MLP(in_features, layer_sizes, zero_rows=zero_rows)
+        self.out = linear(self.mlp.out_features, 1, 0 if layer_sizes else zero_rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(self.mlp(x)).squeeze(-1)  # B

@@ -13,7 +13,13 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recsys_mtl.modules.embeddings import FeatureRegroup, cat_dense, ebc_out_features, embedded_features
+from recsys_mtl.modules.embeddings import (
+    FeatureRegroup,
+    cat_dense,
+    ebc_out_features,
+    embedded_features,
+    embedding_lookup,
+)
 
 
 class TableSetInputs(nn.Module):
@@ -94,8 +100,8 @@ class TableSetInputs(nn.Module):
         d = dense if self.dense_in_features > 0 else None
         kts = []
         if self.shared_ebc is not None:  # fixed at construction (torch.fx-traceable)
-            kts.append(self.shared_ebc(sparse))
-        kts += [self.ebcs[name](sparse) for name in self.names]
+            kts.append(embedding_lookup(self.shared_ebc, sparse))
+        kts += [embedding_lookup(self.ebcs[name], sparse) for name in self.names]
         # One B x sum(D) block per group, columns in self.features order. Indexed by constants
         # only: under the pipeline's tracer the result is a single opaque node.
         parts = self.regroup(kts)

@@ -41,6 +41,7 @@ from recsys_mtl.models import build_model
 from recsys_mtl.train.best import BEST_MODEL_DIR, BestTracker, check_spec
 from recsys_mtl.train.eval_outputs import EvalCollector, write_eval_outputs
 from recsys_mtl.train.checkpoint import Checkpointer, TrainPosition, checkpoint_run_info
+from recsys_mtl.train.compiled import compile_head, eager_reason
 from recsys_mtl.train.locks import DirLock, LockError
 from recsys_mtl.train.masked_sharing import (
     SNAPSHOT_DIR,
@@ -344,6 +345,8 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step: Callable[[int, torch.Tensor]
     if combiner_state is not None:  # --grad-combiner: the train module's step combines the task gradients
         combiner = make_combiner(cfg.grad, schema.task_names, cfg.seed, combiner_state)
         dmp.module.grad_step = CombinedGradStep(dmp.module, combiner, schema, cfg.grad.stats)
+    if cfg.compile_head:
+        setup_compiled_head(cfg, dmp.module, env)
     loss_fn = dmp.module.loss  # its loss-weight schedule advances per step / epoch
     # Fail before the compute: the eval split's values are checked now, not after the last step.
     if not is_interactions(schema):  # (interaction datasets are checked when loaded)
@@ -639,6 +642,21 @@ def strict_json(obj):
     if isinstance(obj, (list, tuple)):
         return [strict_json(v) for v in obj]
     return obj
+
+
+def setup_compiled_head(cfg: TrainConfig, train_module: nn.Module, env: DistEnv) -> bool:
+    """``--compile-head``: compiles the train module's training step (:func:`compile_head`), or,
+    for the models and runs :func:`eager_reason` names, says on rank 0 that it trains eagerly.
+    Returns whether the head is compiled."""
+    reason = eager_reason(cfg)
+    if reason is not None:
+        if env.is_main:
+            print(f"--compile-head: training eagerly: {reason}", file=sys.stderr, flush=True)
+        return False
+    compile_head(train_module)
+    if env.is_main:
+        print("--compile-head: the dense head compiles at the first training step", file=sys.stderr, flush=True)
+    return True
 
 
 def make_loss(cfg: TrainConfig, schema: Schema) -> MultiTaskLoss:

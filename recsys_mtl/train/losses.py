@@ -93,10 +93,16 @@ class MultiTaskLoss(nn.Module):
         return (el * m).sum() / m.sum().clamp_min(1.0)
 
     def forward(
-        self, logits: Mapping[str, torch.Tensor], labels: torch.Tensor, label_mask: torch.Tensor
+        self, logits: Mapping[str, torch.Tensor], labels: torch.Tensor, label_mask: torch.Tensor,
+        weights: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns the weighted total (scalar) and the per-task losses ``L_k`` (``T``)."""
+        """Returns the weighted total (scalar) and the per-task losses ``L_k`` (``T``).
+
+        ``weights``: :meth:`current_weights`, when the caller has them already (a compiled train
+        step takes them as an input, so the 0-dim float64 step counter is not read in its graph).
+        """
         per_task = [self.task_loss(k, logits[task.name], labels, label_mask) for k, task in enumerate(self.tasks)]
         per_task_t = torch.stack(per_task)  # T
-        total = (self.current_weights().to(per_task_t.dtype) * per_task_t).sum()
+        weights = self.current_weights() if weights is None else weights  # T
+        total = (weights.to(per_task_t.dtype) * per_task_t).sum()
         return total, per_task_t

@@ -55,6 +55,11 @@ class MTLTrainModule(nn.Module):
         # grad_step(self, batch, labels, mask) -> (surrogate loss, output); its backward applies the
         # combined task gradients.
         self.grad_step: Callable | None = None
+        # A compiled training step (--compile-head, recsys_mtl.train.compiled.compile_head):
+        # compiled_step(batch, labels, mask, loss_weights) is train_step compiled with the table
+        # lookups left out. Used for training steps without an objective or grad_step hook; evaluation and
+        # the pipeline's fx trace run eagerly.
+        self.compiled_step: Callable | None = None
 
     def forward(
         self, batch: MTLBatch
@@ -65,10 +70,23 @@ class MTLTrainModule(nn.Module):
         # (Not while TorchRec's pipeline traces the forward to find the sharded modules' inputs.)
         if self.grad_step is not None and self.training and not _tracing(batch):
             return self.grad_step(self, batch, labels, mask)
+        if (self.compiled_step is not None and self.training and self.objective is None
+                and not _tracing(batch)):
+            # The loss weights come in as an input: the schedule's 0-dim float64 step counter,
+            # read inside the graph, would make dynamo restart its analysis (a slower compile).
+            return self.compiled_step(batch, labels, mask, self.loss.current_weights())
+        return self.train_step(batch, labels, mask)
+
+    def train_step(
+        self, batch: MTLBatch, labels: torch.Tensor, mask: torch.Tensor, loss_weights: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None]:
+        """The forward after the hooks: logits, loss and the pipeline's output (what
+        :attr:`compiled_step` compiles). ``labels``/``mask`` are the training targets;
+        ``loss_weights`` the loss's current task weights (None: the loss computes them)."""
         logits = self.model(batch.dense, batch.sparse)
         if self.objective is not None and self.training:  # a procedure's step (evaluation: the usual output)
             return self.objective(logits, labels, mask), None
-        total, _ = self.loss(logits, labels, mask)
+        total, _ = self.loss(logits, labels, mask, loss_weights)
         if self._aux_hook:  # e.g. AITM's calibrator
             total = total + self.model.auxiliary_loss(logits)
         stacked = torch.stack([logits[t] for t in self.task_names], dim=1)  # B x T

@@ -275,15 +275,17 @@ def test_ml_mmoe_matches_its_definition() -> None:
     schema = tiny_schema()
     m = MLMMoE(build_ebc(schema, 4), len(schema.dense), schema.task_names, 2, 3, [6], [4])
     b = tiny_batch(schema, 7)
-    x = m.input(b.dense, b.sparse)  # B x D
+    x = m.input(b.dense, b.sparse)  # B x (D + zero padding)
+    assert m.input.padding > 0 and x[:, m.input.unpadded_features:].abs().sum() == 0
+    x = x[:, : m.input.unpadded_features]  # B x D
 
     def expert(experts, i, inp):
         w, bias = experts.expert_parameters(0, i)
         return torch.relu(inp @ w + bias)
 
     def gate(gates, g, inp):
-        e = gates.num_choices
-        return torch.softmax(inp @ gates.weight[:, g * e:(g + 1) * e] + gates.bias[0, g * e:(g + 1) * e], dim=1)
+        w, bias = gates.gate_parameters(g)  # D x E (no padding rows), E
+        return torch.softmax(inp @ w + bias, dim=1)
 
     lower = torch.stack([expert(m.experts[0], i, x) for i in range(3)], 1)  # B x E x H
     upper = torch.stack(

@@ -157,7 +157,7 @@ def test_mmoe_matches_the_paper_formula() -> None:
     schema = tiny_schema()
     model = MMoE(build_ebc(schema, 4), len(schema.dense), schema.task_names, 3, [8, 6], [4])
     b = tiny_batch(schema, 10)
-    x = model.input(b.dense, b.sparse)
+    x = model.input(b.dense, b.sparse)[:, : model.input.unpadded_features]  # B x D, without the zero padding
     outs = []
     for e in range(3):
         h = x
@@ -168,8 +168,7 @@ def test_mmoe_matches_the_paper_formula() -> None:
     experts = torch.stack(outs, 1)  # B x E x H
     g = model.gates
     for k, t in enumerate(schema.task_names):
-        wk = g.weight[:, k * 3 : (k + 1) * 3]
-        bk = g.bias[0, k * 3 : (k + 1) * 3]
+        wk, bk = g.gate_parameters(k)  # D x E, E
         gate = torch.softmax(x @ wk + bk, dim=1)  # B x E
         f = (gate.unsqueeze(-1) * experts).sum(1)
         expected = model.towers[t](f)

@@ -21,7 +21,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from multirank import run_ranks
 from recsys_mtl.data.schema import DenseFeature, Schema, SparseFeature, TaskSpec
 from recsys_mtl.models.stem import STEMNet
-from recsys_mtl.modules.embeddings import FeatureRegroup, SparseDenseInput, build_ebc
+from recsys_mtl.modules.embeddings import FeatureRegroup, SparseDenseInput, build_ebc, padded_width
 from recsys_mtl.modules.multi_embedding import TableSetInputs
 
 DIM = 3
@@ -89,7 +89,8 @@ ORDERS = ["config", "reversed", "interleaved"]
 def _ref_sparse_dense(m: SparseDenseInput, dense, sparse):
     emb = m.ebc(sparse).to_dict()
     parts = [emb[f] for f in m.features] + ([dense] if m.dense_in_features > 0 else [])
-    return torch.cat(parts, dim=1)
+    padding = [torch.zeros(dense.shape[0], m.padding)] if m.padding else []  # zero columns up to the width multiple
+    return torch.cat(parts + padding, dim=1)
 
 
 def _ref_table_sets(m: TableSetInputs, dense, sparse):
@@ -167,7 +168,8 @@ def test_sparse_dense_input(order: str, num_dense: int, fused: bool | None) -> N
     ebc = build_ebc(s, DIM)
     m = _set_fused(SparseDenseInput(PermutedKeys(ebc, _order(ebc, order)), num_dense), fused)
     assert m.features == s.sparse_names
-    assert m.out_features == DIM * len(s.sparse) + num_dense
+    assert m.unpadded_features == DIM * len(s.sparse) + num_dense
+    assert m.out_features == padded_width(m.unpadded_features) and m.out_features % 16 == 0
     for seed in range(3):  # the cached permutation is reused after the first call
         dense, kjt = torch.randn(6, num_dense), _kjt(s, 6, seed)
         out = m(dense, kjt)
