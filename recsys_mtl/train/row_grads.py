@@ -6,16 +6,13 @@ training loop (docs/design.md §5.3). Inside the train module's forward, per bat
 1. **Capture.** Forward hooks on every embedding-bag module (``EmbeddingBagCollection`` or its
    sharded form) replace each pooled output ``B x ΣD`` by a detached leaf, remembering the
    lookup's KJT and the original output.
-2. **Per-task gradients.** One batched ``autograd.grad`` (``is_grads_batched``: the ``T`` task
-   losses ``w_t L_t`` against the rows of ``I_T``, a vmapped backward) to the leaves and the dense
-   parameters, giving ``T x B x ΣD`` per leaf (nothing reaches the tables yet); ``T`` separate
-   passes when the model's backward has an op without a batching rule.
+2. **Per-task gradients.** ``T`` ``autograd.grad`` passes from the task losses ``w_t L_t`` to the
+   leaves and the dense parameters (nothing reaches the tables yet).
 3. **Rows.** Every id occurrence (position) of the batch gets its per-task gradient
    (``c_p · ∂L_t/∂pooled[b, f]``, ``c_p`` = 1 for sum pooling, ``1/len`` for mean, the id's
    weight ``w_p`` for a weighted module, whose output is ``Σ_p w_p e_{r_p}``) and a row key
    (table offset + id; tables shared by several features share keys). Per embedding width:
-   ``T x N x D`` positions (a module of one-id bags: a view of its ``T x B x ΣD`` gradient, the
-   positions sample-major, no copy), summed per unique row into ``T x U x D``. With ``stats="global"``
+   ``T x N x D`` positions, summed per unique row into ``T x U x D``. With ``stats="global"``
    the unique rows and their sums are all-gathered, so every rank sees the per-task row
    gradients of the global batch (averaged over ranks, as TorchRec averages embedding gradients).
 4. **Combine.** PMTRec: :func:`recsys_mtl.ops.row_grad_pool.row_grad_pool` per width (row norms
@@ -164,7 +161,7 @@ class EmbeddingCapture:
 class _Slice:
     """Positions of one record inside a width group's concatenated positions: one feature
     (``bag``/``coef`` per position), or a block of ``features`` single-valued features whose every
-    bag holds exactly one id (``bag`` None: position ``b * F + f`` is sample ``b`` of feature ``f``)."""
+    bag holds exactly one id (``bag`` None: position ``f * B + b`` is sample ``b`` of feature ``f``)."""
 
     record: int
     start: int
@@ -218,7 +215,6 @@ class CombinedGradStep:
         embedding_params = {id(p) for m in self.capture.modules for p in m.parameters()}
         self.dense = [p for p in train_module.parameters() if p.requires_grad and id(p) not in embedding_params]
         self.last_weights: dict[int, torch.Tensor] = {}  # PMTRec: U x T row weights per width (analysis)
-        self.batched: bool | None = None  # one vmapped backward for the T tasks (None: not tried yet)
 
     # ---- the step ----------------------------------------------------------------------------------
 
@@ -231,72 +227,48 @@ class CombinedGradStep:
                   for k, t in enumerate(tm.task_names)]
         total = torch.stack(losses).sum()
         leaves = [r.leaf for r in records]
-        grads = self._per_task(losses, leaves + self.dense)  # per input: T x its shape
-        leaf_grads = grads[:len(leaves)]  # T x B x ΣD each
-        dense_grads = grads[len(leaves):]  # T x p.shape each
+        inputs = leaves + self.dense
+        per_task = []
+        for k, lt in enumerate(losses):
+            g = torch.autograd.grad(lt, inputs, retain_graph=k < len(losses) - 1, allow_unused=True)
+            per_task.append([torch.zeros_like(x) if gi is None else gi for gi, x in zip(g, inputs)])
+        leaf_grads = [[pt[i] for pt in per_task] for i in range(len(leaves))]  # per leaf: T of B x ΣD
+        dense_grads = [[pt[len(leaves) + j] for pt in per_task] for j in range(len(self.dense))]
 
         surrogate = self._rows(records, leaf_grads) + self._dense(dense_grads, total)
         self.combiner.step_done()
         stacked = torch.stack([logits[t] for t in tm.task_names], dim=1)  # B x T
         return surrogate, (total.detach(), stacked.detach(), labels, mask)
 
-    def _per_task(self, losses: list[torch.Tensor], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """``∂(w_t L_t)/∂x`` for every task ``t`` and input ``x``: ``T x x.shape`` each (zeros where
-        a task does not reach ``x``).
-
-        One vmapped backward (``is_grads_batched``) when the model's backward supports it — tried
-        once with the graph retained, so that a model whose backward has an op without a batching
-        rule (an ``autograd.Function`` without vmap support raises) falls back to ``T`` passes.
-        """
-        T = len(losses)
-        if self.batched is not False:
-            first = self.batched is None
-            stacked = torch.stack(losses)  # T
-            eye = torch.eye(T, dtype=stacked.dtype, device=stacked.device)  # T x T: one task per row
-            try:
-                g = torch.autograd.grad(stacked, inputs, eye, retain_graph=first, allow_unused=True,
-                                        is_grads_batched=True)
-            except RuntimeError:
-                if not first:
-                    raise
-                self.batched = False
-            else:
-                self.batched = True
-                return [x.new_zeros((T, *x.shape)) if gi is None else gi for gi, x in zip(g, inputs)]
-        per_task = []
-        for k, lt in enumerate(losses):
-            g = torch.autograd.grad(lt, inputs, retain_graph=k < T - 1, allow_unused=True)
-            per_task.append([torch.zeros_like(x) if gi is None else gi for gi, x in zip(g, inputs)])
-        return [torch.stack([pt[i] for pt in per_task]) for i in range(len(inputs))]
-
     # ---- embedding rows ----------------------------------------------------------------------------
 
-    def _groups(self, records: list[_Record], leaf_grads: list[torch.Tensor]) -> dict[int, _Group]:
+    def _groups(self, records: list[_Record], leaf_grads: list[list[torch.Tensor]]) -> dict[int, _Group]:
         groups: dict[int, _Group] = {}
         for ri, rec in enumerate(records):
             per_feature = rec.kjt.to_dict()
             feats = [self.capture.features[(rec.module, k)] for k in rec.keys]
             jts = [per_feature[k] for k in rec.keys]
-            per_task = leaf_grads[ri]  # T x B x ΣD
-            T, B, width = per_task.shape
+            per_task = leaf_grads[ri]  # T of B x ΣD
+            T, (B, width) = len(per_task), per_task[0].shape
             dims = {f.dim for f in feats}
             weighted = self.capture.weighted[rec.module]
             if len(dims) == 1 and not weighted and all(bool((jt.lengths() == 1).all()) for jt in jts):
                 # Every bag holds one id (single-valued features, no empty bag): positions are the
-                # bags, sample-major (position b·F + f), so the gradients are a view, no copy.
+                # bags, in feature-major order; one copy of the gradients, no gather.
                 dim = feats[0].dim
                 grp = groups.setdefault(dim, _Group(dim))
-                keys = torch.stack([jt.values().long() + f.base for jt, f in zip(jts, feats)], dim=1)  # B x F
-                keys = keys.reshape(-1)  # B·F
-                grads = per_task[:, :, rec.offsets[0]:rec.offsets[0] + len(feats) * dim]  # T x B x F·D
-                grads = grads.reshape(T, -1, dim)  # T x B·F x D (a view when the record is one width)
+                keys = torch.cat([jt.values().long() + f.base for jt, f in zip(jts, feats)])  # F·B
+                grads = per_task[0].new_empty(T, len(feats), B, dim)  # T x F x B x D: one copy per task
+                for t, g in enumerate(per_task):
+                    grads[t].copy_(g.view(B, len(feats), dim).transpose(0, 1))
+                grads = grads.view(T, -1, dim)  # T x F·B x D
                 grp.add(keys, grads, _Slice(ri, grp.size, grp.size + keys.numel(), rec.offsets[0],
                                             features=len(feats)))
                 continue
             for key, col, feat, jt in zip(rec.keys, rec.offsets, feats, jts):
                 ids, lengths = jt.values(), jt.lengths().long()  # N_f, B
                 bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=ids.device), lengths)  # N_f
-                g = per_task[:, bag, col:col + feat.dim]  # T x N_f x D
+                g = torch.stack([gt[bag, col:col + feat.dim] for gt in per_task])  # T x N_f x D
                 coef = None
                 if weighted:  # pooled = Σ_p w_p e_p: c_p = w_p
                     coef = jt.weights().to(g.dtype)  # N_f
@@ -335,7 +307,7 @@ class CombinedGradStep:
         local = torch.searchsorted(gkeys, keys)  # U
         return gkeys, gsums, owner, local
 
-    def _rows(self, records: list[_Record], leaf_grads: list[torch.Tensor]) -> torch.Tensor:
+    def _rows(self, records: list[_Record], leaf_grads: list[list[torch.Tensor]]) -> torch.Tensor:
         T = self.combiner.T
         groups = self._groups(records, leaf_grads)
         distributed = self.stats == "global" and self.world > 1
@@ -410,13 +382,14 @@ class CombinedGradStep:
                 part = pos[sl.start:sl.stop]  # N_f x D
                 b, width = rec.values.shape
                 if sl.bag is None and sl.features * grp.dim == width:  # a whole record of one-id bags
-                    pooled_grad[sl.record] = part.view(b, width)  # sample-major positions: B x F·D
+                    pooled_grad[sl.record] = part.view(sl.features, b, grp.dim).transpose(0, 1).reshape(b, width)
                     continue
                 if pooled_grad[sl.record] is None:
                     pooled_grad[sl.record] = torch.zeros_like(rec.values)
                 target = pooled_grad[sl.record]
                 if sl.bag is None:
-                    target[:, sl.column:sl.column + sl.features * grp.dim] = part.view(b, -1)
+                    target[:, sl.column:sl.column + sl.features * grp.dim] = (
+                        part.view(sl.features, b, grp.dim).transpose(0, 1).reshape(b, -1))
                 else:
                     if sl.coef is not None:  # pooling multiplies by c_p again
                         part = part / sl.coef[:, None]
@@ -480,13 +453,13 @@ class CombinedGradStep:
 
     # ---- dense parameters --------------------------------------------------------------------------
 
-    def _dense(self, dense_grads: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    def _dense(self, dense_grads: list[list[torch.Tensor]], like: torch.Tensor) -> torch.Tensor:
         if not self.dense:
             return like.new_zeros(())
         if not self.combiner.needs_dense_jacobian:
-            combined = [g.sum(0) for g in dense_grads]
+            combined = [torch.stack(g).sum(0) for g in dense_grads]
         else:
-            jac = torch.cat([g.reshape(g.shape[0], -1) for g in dense_grads], dim=1)  # T x P
+            jac = torch.cat([torch.stack(g).reshape(len(g), -1) for g in dense_grads], dim=1)  # T x P
             if self.stats == "global" and self.world > 1:
                 jac = jac.contiguous()
                 dist.all_reduce(jac)

@@ -149,43 +149,6 @@ def test_pmtrec_single_hot_uses_the_pooled_output() -> None:
         torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-5)
 
 
-class _NoVmapScale(torch.autograd.Function):
-    """``2x`` with a backward vmap cannot run (``.item()`` of a batched tensor): is_grads_batched fails."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return 2 * x
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * (2.0 + 0.0 * float(g.abs().max().item()))
-
-
-def test_per_task_gradients_batched_and_fallback() -> None:
-    """One vmapped backward gives the T passes' gradients; a backward without a batching rule falls
-    back to T passes, with the same combined gradients."""
-    schema = _schema("sum", multi_hot=False)
-    batch = tiny_batch(schema, 9, seed=1)
-    grads = {}
-    for variant in ("batched", "fallback"):
-        tm = _model(schema)
-        if variant == "fallback":
-            bottom = tm.model.bottom
-            forward = bottom.forward
-            bottom.forward = lambda x, f=forward: _NoVmapScale.apply(f(x)) / 2  # same values, no vmap rule
-        step = CombinedGradStep(tm, make_combiner(GradConfig(combiner="pmtrec"), schema.task_names, 0,
-                                                  CombinerState(3)), schema)
-        tm.grad_step = step
-        tm.train()
-        for _ in range(2):  # the first call decides, the second reuses the decision
-            tm.zero_grad()
-            tm(batch)[0].backward()
-        assert step.batched is (variant == "batched")
-        grads[variant] = [p.grad.clone() for p in tm.parameters()]
-    for a, b in zip(grads["batched"], grads["fallback"]):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
-
-
 @pytest.mark.parametrize("name", AGGREGATORS)
 def test_baselines_match_the_library_on_batch_rows(name: str) -> None:
     """One aggregation over every embedding row of the batch, one over the dense parameters."""
