@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORKLOAD="${1:?usage: benchmarks/run.sh w1|w2|plans|masked-matmul|row-grad-pool [OUT.json]}"
-OUT="${2:-benchmarks/results/$WORKLOAD.json}"
+OUT="${2:-benchmarks/results/${WORKLOAD//-/_}.json}"  # the bench commands' own default names
 STEPS="${STEPS:-40}"
 WARMUP="${WARMUP:-5}"
 # wait_quiet [max_seconds]: wait until the CPUs are >= 90% idle over 2 s (other jobs finished).
