@@ -322,8 +322,10 @@ def load_side(dataset_dir: Path, task: PairTask, num: int) -> PairSide:
         raise DataError(f"{path}: row {k}: {task.columns[1]} = {b[k]} (group ids are >= 0; leave a member out "
                         f"instead)")
     if np.unique(a).size != a.size:
-        dup = int(a[np.flatnonzero(np.bincount(a) > 1)[0]]) if a.size else -1
+        dup = int(np.flatnonzero(np.bincount(a) > 1)[0])  # the first member id with several rows
         raise DataError(f"{path}: {task.columns[0]} {dup} is in several rows (a member has one group)")
+    _, b = np.unique(b, return_inverse=True)  # group labels -> 0..G-1 (any int64 labels, however sparse)
+    b = b.astype(np.int64).reshape(-1)
     group = np.full(num, -1, dtype=np.int64)
     group[a] = b
     ngroups = int(b.max()) + 1 if b.size else 0

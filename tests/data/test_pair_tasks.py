@@ -192,8 +192,10 @@ def test_bad_tables_are_refused_and_nothing_is_written(base: Path, tmp_path: Pat
         (dict(roles=("friend", "neg_x")), "role 'friend' of task 'coview' is already a role of task 'social'"),
         (dict(kind="shop"), "kind must be one of user, item"),
         (dict(name="co view"), "a task name is a letter"),
-        (dict(groups=True, columns=("item", "grp"), table=_write(tmp_path / "g.parquet", item=[1, 1], grp=[0, 1])),
-         "item 1 is in several rows"),
+        (dict(groups=True, columns=("item", "grp"),
+              table=_write(tmp_path / "g.parquet", item=[0, 3, 5, 3], grp=[0, 1, 1, 2])), "item 3 is in several rows"),
+        (dict(groups=True, columns=("item", "grp"), table=_write(tmp_path / "n.parquet", item=[0, 1], grp=[0, -1])),
+         "group ids are >= 0"),
     ]
     good = _write(tmp_path / "ok.parquet", item=[0, 1], other=[1, 2])
     for over, message in cases:
