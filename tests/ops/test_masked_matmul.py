@@ -5,12 +5,10 @@ torch.fx; bit packing; nothing dense per subnet saved for backward."""
 from __future__ import annotations
 
 import os
-import re
-import subprocess
-import sys
 
 import pytest
 import torch
+from triton_interpreted import run_interpreted
 import torch.nn.functional as F
 
 import recsys_mtl.ops.masked_matmul as mm
@@ -324,9 +322,4 @@ if INTERPRETED:
 else:
 
     def test_triton_kernels_under_the_interpreter():
-        env = {**os.environ, "TRITON_INTERPRET": "1"}
-        cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-k", "triton_interpreted"]
-        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-        out = r.stdout + r.stderr
-        assert r.returncode == 0, out[-6000:]
-        assert re.search(rf"\b{TRITON_TESTS} passed\b", out) and "skipped" not in out, out[-3000:]
+        run_interpreted(__file__, TRITON_TESTS)
