@@ -35,19 +35,39 @@ PEERS_FOR_MODEL = {"ple": ("plain_pytorch", "torch_rechub"), "stem": ("plain_pyt
 
 
 def _machine() -> dict:
-    cpu = platform.processor() or ""
+    from recsys_mtl.ops import cpu_gemm
+
+    cpu, info = platform.processor() or "", {}
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+            for ln in f:
+                key, _, value = ln.partition(":")
+                info.setdefault(key.strip(), value.strip())
+        cpu = info.get("model name", cpu)
     except OSError:
         pass
     return {
         "cpu": cpu,
+        # A VM may name only the vendor ("AMD EPYC"): the family / model tell its generation.
+        "cpu_family": info.get("cpu family"),
+        "cpu_model": info.get("model"),
+        # Where this process's float32 CPU GEMMs go (the fused expert op; recsys_mtl.ops.cpu_gemm).
+        "cpu_gemm": cpu_gemm.backend(),
         "logical_cpus": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "platform": platform.platform(),
     }
+
+
+def _gemm_rates() -> dict[str, float]:
+    """2048³ float32 GEMM rate through MKL (``torch.mm``) and, where the build has it, oneDNN."""
+    from recsys_mtl.ops import cpu_gemm
+
+    rates = {"aten": measure_gemm_gflops(threads=THREADS)}
+    if cpu_gemm._onednn_available():
+        rates["onednn"] = measure_gemm_gflops(threads=THREADS, backend="onednn")
+    return rates
 
 
 def run_metadata(load_before: tuple[float, ...], load_after: tuple[float, ...] | None = None) -> dict:
@@ -103,7 +123,7 @@ def run_bench(
     torch.set_num_threads(THREADS)
     try:
         load_before = os.getloadavg()
-        gemm = measure_gemm_gflops(threads=THREADS)
+        gemm_by = _gemm_rates()
         batches = make_batches(w, num_batches=min(steps + warmup, 16), batch_size=bsz, seed=0)
         progress = None
         if show_progress if show_progress is not None else sys.stderr.isatty():
@@ -111,7 +131,8 @@ def run_bench(
 
             progress = lambda total: tqdm(total=total, desc=f"bench {workload}", file=sys.stderr, leave=False)  # noqa: E731
         contenders = run_contenders(w, batches, names, steps=steps, warmup=warmup, progress=progress)
-        gemm = max(gemm, measure_gemm_gflops(threads=THREADS))  # best of before and after
+        gemm_by = {k: max(v, _gemm_rates()[k]) for k, v in gemm_by.items()}  # best of before and after
+        gemm = max(gemm_by.values())  # the machine's best float32 GEMM rate
         load_after = os.getloadavg()
         threads = torch.get_num_threads()
     finally:
@@ -124,6 +145,7 @@ def run_bench(
         "batch_size": bsz,
         "samples_per_s": sps,
         "gemm_gflops": gemm,
+        "gemm_gflops_by_backend": gemm_by,
         "samples_per_s_mean": {c.name: bsz * len(c.step_times) / sum(c.step_times) for c in contenders},
         "samples_per_s_best_step": {c.name: bsz / min(c.step_times) for c in contenders},
         "ms_per_step": {c.name: {"median": 1e3 * median_s(c), **c.ms_per_step} for c in contenders},

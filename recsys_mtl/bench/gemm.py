@@ -9,8 +9,12 @@ import torch
 from recsys_mtl.config import ModelConfig
 
 
-def measure_gemm_gflops(size: int = 2048, repeats: int = 5, threads: int = 2) -> float:
-    """Best-of-``repeats`` fp32 ``size x size @ size x size`` matmul rate in GFLOP/s on ``threads`` threads."""
+def measure_gemm_gflops(size: int = 2048, repeats: int = 5, threads: int = 2, backend: str = "aten") -> float:
+    """Best-of-``repeats`` fp32 ``size x size @ size x size`` matmul rate in GFLOP/s on ``threads`` threads,
+    through ATen's BLAS (``backend="aten"``: ``torch.mm``, MKL) or oneDNN (``"onednn"``: the inner
+    product :func:`recsys_mtl.ops.cpu_gemm.linear` runs)."""
+    if backend not in ("aten", "onednn"):
+        raise ValueError(f"backend must be 'aten' or 'onednn', got {backend!r}")
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -18,11 +22,15 @@ def measure_gemm_gflops(size: int = 2048, repeats: int = 5, threads: int = 2) ->
         a = torch.randn(size, size, generator=g)
         b = torch.randn(size, size, generator=g)
         c = torch.empty(size, size)
-        torch.mm(a, b, out=c)  # warm-up
+        if backend == "aten":
+            run = lambda: torch.mm(a, b, out=c)  # noqa: E731
+        else:
+            run = lambda: torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], "")  # noqa: E731
+        run()  # warm-up
         best = float("inf")
         for _ in range(repeats):
             t0 = time.perf_counter()
-            torch.mm(a, b, out=c)
+            run()
             best = min(best, time.perf_counter() - t0)
         return 2.0 * size**3 / best / 1e9
     finally:

@@ -49,6 +49,20 @@ ELEMENTWISE_PREFIXES = (
     "aten::_local_scalar_dense", "aten::norm", "aten::linalg_vector_norm", "aten::sort", "aten::topk",
 )
 OPTIMIZER_RANGES = ("Optimizer.step", "## optimizer", "Optimizer.zero_grad")
+def _linear_flops(e) -> float:
+    """FLOPs of a ``mkldnn::_linear_pointwise`` event (the profiler has no formula for it): input
+    ``... x K``, weight ``N x K``: ``2 x rows x K x N``."""
+    if e.name != "mkldnn::_linear_pointwise" or len(e.input_shapes or []) < 2:
+        return 0.0
+    x, w = e.input_shapes[0], e.input_shapes[1]
+    if not x or len(w) != 2:
+        return 0.0
+    rows = 1
+    for d in x[:-1]:
+        rows *= d
+    return 2.0 * rows * x[-1] * w[0]
+
+
 GROUPS = ("gemm", "elementwise", "copies", "compiled_kernels", "embedding", "optimizer", "communication", "other")
 
 
@@ -102,7 +116,7 @@ def profile_groups(step: Callable[[], None], steps: int = 3) -> dict:
     """
     ms: dict[str, float] = defaultdict(float)
     flops = 0.0
-    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True, record_shapes=True) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
             step()
@@ -113,7 +127,7 @@ def profile_groups(step: Callable[[], None], steps: int = 3) -> dict:
         group = "optimizer" if _in_optimizer(e) else op_group(e.name)
         ms[group] += e.self_cpu_time_total / 1e3 / steps  # us -> ms per step
         if group == "gemm":
-            flops += (e.flops or 0) / steps
+            flops += (e.flops or _linear_flops(e)) / steps
     gemm_s = ms["gemm"] / 1e3
     return {
         "ms": {g: round(ms[g], 3) for g in GROUPS},

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from recsys_mtl.modules.activations import relu
+from recsys_mtl.ops import cpu_gemm
+from recsys_mtl.ops.fused_expert import expert_linear_relu
 
 
 def linear_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, batched: bool) -> torch.Tensor:
@@ -22,12 +24,11 @@ def linear_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, batch
     layer of one expert per group.
     (``batched`` is given, not read from the shapes, so ``torch.fx`` traces one path.)
 
-    :func:`recsys_mtl.ops.fused_expert.expert_linear_relu` is the same function in one op (oneDNN's
-    Linear with a ReLU post-op for the 2-D form, the backward from the saved output) and takes these
-    arguments as they are. Swapped in for every batch-major expert layer of W1 it measured at parity with
-    this (2026-12-02, 2-core AMD EPYC, shared machine, 50 per-step interleaved rounds of the
-    pipelined W1 step: eager 159.0 vs 159.5 ms, compiled head 141.8 vs 141.9 ms, medians), so the
-    plain ops stay: no custom-op dispatch, and inductor sees the bias and ReLU.
+    :func:`recsys_mtl.ops.fused_expert.expert_linear_relu` is the same function in one op and takes
+    these arguments as they are; :class:`Experts` takes the op where float32 CPU GEMMs run on oneDNN
+    (:mod:`recsys_mtl.ops.cpu_gemm`). With ATen's GEMMs the op measured at parity with this
+    (2026-12-02, W1's pipelined step: eager 159.0 vs 159.5 ms, compiled head 141.8 vs 141.9 ms), so
+    there the plain ops stay: no custom-op dispatch, and inductor sees the bias and ReLU.
     """
     if batched:
         return relu(torch.baddbmm(bias, x, weight))  # G x B x N
@@ -66,6 +67,12 @@ class Experts(nn.Module):
             (:class:`~recsys_mtl.modules.embeddings.SparseDenseInput`): their first-layer weight
             rows are initialised to zero and, their inputs being zero, get zero gradients and stay
             zero; the other rows are initialised as for a ``D - zero_rows`` wide input.
+        fused (bool | None): run every layer as :func:`~recsys_mtl.ops.fused_expert.expert_linear_relu`
+            (oneDNN inner products with a ReLU post-op on CPU, backward from the saved output)
+            instead of ``addmm`` / ``baddbmm`` + ReLU. None (default): where
+            :func:`recsys_mtl.ops.cpu_gemm.backend` is ``"onednn"`` (it is read here, once; the
+            forward has no device test, so ``torch.fx`` traces one path). The parameters and
+            results are the same either way, to float32 rounding.
 
     Example::
 
@@ -83,8 +90,10 @@ class Experts(nn.Module):
         num_groups: int = 1,
         grouped_input: bool = False,
         zero_rows: int = 0,
+        fused: bool | None = None,
     ) -> None:
         super().__init__()
+        self.fused = cpu_gemm.backend() == "onednn" if fused is None else bool(fused)
         if num_experts <= 0 or num_groups <= 0 or not layer_sizes:
             raise ValueError("Experts needs num_experts >= 1, num_groups >= 1 and >= 1 layer")
         if not 0 <= zero_rows < in_features:
@@ -165,6 +174,8 @@ class Experts(nn.Module):
         """
         e, n = self.total_experts, self.num_experts
         d_out = self._sizes[1]
+        if self.fused:
+            return self._fused_forward(x)
         if self.grouped_input and n > 1:
             return self._grouped_feature_major(x)
         if self.grouped_input:  # one expert per group: G x B x H1 is E x B x H1
@@ -203,3 +214,24 @@ class Experts(nn.Module):
             w, b = getattr(self, f"weight_{i}"), getattr(self, f"bias_{i}")
             h = relu(torch.baddbmm(b.view(e, -1, 1), w.transpose(1, 2), h))  # E x H_next x B
         return h.transpose(1, 2)  # E x B x H (view)
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Every layer one :func:`~recsys_mtl.ops.fused_expert.expert_linear_relu`, batch-major.
+
+        oneDNN multiplies one group's ``B x K`` by its ``K x N`` weight per call and reads only
+        plain row- or column-major operands in place, so the experts' ``B x H1`` blocks, strided
+        inside the first layer's ``B x (n*H1)`` output, are gathered into one contiguous
+        ``E x B x H1`` tensor (one copy forward, one backward) that the next layer reads and keeps.
+        """
+        e, n, bsz, h1 = self.total_experts, self.num_experts, x.shape[-2], self._sizes[1]
+        h = expert_linear_relu(x, self.weight_0, self.bias_0)  # B x (E*H1) or G x B x (n*H1)
+        if self.grouped_input:
+            if n > 1:
+                h = h.view(self.num_groups, bsz, n, h1).transpose(1, 2).reshape(e, bsz, h1)  # E x B x H1 (copy)
+        elif e > 1:
+            h = h.view(bsz, e, h1).transpose(0, 1).contiguous()  # E x B x H1 (copy)
+        else:
+            h = h.unsqueeze(0)  # 1 x B x H1 (view)
+        for i in range(1, self.num_layers):
+            h = expert_linear_relu(h, getattr(self, f"weight_{i}"), getattr(self, f"bias_{i}"))  # E x B x H_next
+        return h

@@ -27,49 +27,27 @@ Implementations, chosen per call:
 * CUDA tensors: the Triton kernels of :mod:`recsys_mtl.ops.triton.fused_expert` (bias + ReLU in
   the GEMM epilogue; ``dZ`` formed from the ``dY`` and ``Y`` tiles in the loads of the ``dX`` and
   ``dW`` kernels, ``db`` reduced by the ``dW`` kernel).
-* Other devices (CPU): PyTorch. The 2-D float32 forward is one oneDNN inner product with a ReLU
-  post-op, ``torch.ops.mkldnn._linear_pointwise(x, Wᵀ, b, "relu", [], "")`` (``Wᵀ`` is a view;
-  oneDNN reads the strided weight); other dtypes, the batched form and builds without oneDNN take
-  ``addmm`` / ``baddbmm`` followed by an in-place ``relu_`` on the fresh output. The backward is
-  ``dZ = aten.threshold_backward(dY, Y, 0)`` (one pass that reads the output, the kernel
-  ``torch.relu``'s own backward uses) and two (b)mm's and a sum.
+* Other devices (CPU): PyTorch. Where float32 CPU GEMMs go to oneDNN
+  (:func:`recsys_mtl.ops.cpu_gemm.backend`; on CPUs where MKL takes a slower path, measured once
+  per process), every GEMM of the op is a oneDNN inner product: the forward
+  ``linear(X, Wᵀ, b)`` with ReLU as a post-op (``Wᵀ`` a view), ``dX = linear(dZ, W)``, and
+  ``dW = Xᵀ dZ`` with the smaller of ``X`` / ``dZ`` copied transposed (oneDNN reads its input
+  row-major only). The batched form runs one call per group and stacks the results (oneDNN has no
+  batched weight). Otherwise (other dtypes, ATen's GEMMs chosen, builds without oneDNN):
+  ``addmm`` / ``baddbmm`` followed by an in-place ``relu_`` on the fresh output, and two (b)mm's in
+  the backward. Either way ``dZ = aten.threshold_backward(dY, Y, 0)`` (one pass that reads the
+  output, the kernel ``torch.relu``'s own backward uses) and ``db`` is a sum.
 * The environment variable ``RECSYS_MTL_EXPERT_LINEAR_IMPL`` (``triton`` or ``torch``) overrides
   the choice (``triton`` on CPU needs ``TRITON_INTERPRET=1`` before Triton is first imported).
 
-Measured CPU choices (2026-12-02, 2-core AMD EPYC, shared machine: other jobs ran alongside, so
-each figure is the best of 15 interleaved rounds; float32, 1 thread / 2 threads)::
-
-    forward, B=2048                          addmm+relu   oneDNN linear+relu   ratio
-      2-D K=429 N=1536 (E=6, H1=256)   1 th   30.5 ms       26.2 ms            0.86
-                                       2 th   16.3 ms       13.1 ms            0.81
-      2-D K=432 N=1536                 1 th   42.6 ms       27.0 ms            0.63
-                                       2 th   46.4 ms       32.1 ms            0.69
-      2-D K=256 N=512                  1 th    6.2 ms        5.5 ms            0.89
-    forward, B=2048                          baddbmm+relu  baddbmm+relu_  oneDNN per group + stack
-      3-D G=2 K=256 N=128              1 th    4.2 ms        4.0 ms          4.1 ms
-      3-D G=3 K=256 N=256              1 th   13.9 ms        9.8 ms          9.4 ms
-      3-D G=3 K=256 N=512              1 th   18.3 ms       17.4 ms         17.1 ms
-    ReLU mask from the output, B=2048 N=1536 (2 th): dY*(Y>0) 3.3 ms, where(Y>0, dY, 0) 7.1 ms,
-      threshold_backward(dY, Y, 0) 1.1 ms
-
-oneDNN's post-op wins for the 2-D form; per group (it has no batched weight) it ties with
-``baddbmm`` and needs a stack copy, so the batched form keeps ``baddbmm`` + ``relu_``.
-``threshold_backward`` is the fastest mask. The op end to end against
-:func:`expert_linear_relu_reference` (``torch.relu(torch.addmm / baddbmm)`` under autograd), same
-date and machine, float32, 1 thread, best of 30 interleaved rounds::
-
-    B=2048                           forward: ref    op    ratio    forward + backward: ref    op    ratio
-      2-D K=429 N=1536                    28.8   24.9   0.86                           99.5   89.5   0.90
-      2-D K=432 N=1536                    30.0   24.9   0.83                           89.3   84.2   0.94
-      2-D K=256 N=512                      5.8    5.4   0.92                           17.8   17.7   1.00
-      3-D G=2 K=256 N=128                  3.2    3.2   1.00                            9.8   11.1   1.13
-      3-D G=3 K=256 N=256                  9.4    9.6   1.01                           29.3   29.6   1.01
-      3-D G=3 K=256 N=512                 18.6   18.7   1.00                           57.8   58.2   1.01
-
-(ms; at 2 threads, with more noise, the N=1536 rows gave forward 0.66–0.71 and forward + backward
-0.81–0.88; the N=512 row was unreadable there: best-of ratio 1.37, median ratio 0.63). The batched form is at parity: the same GEMMs, plus the custom op's Python dispatch
-(about 0.15 ms per forward + backward, measured on tiny shapes), which is what the smallest case
-shows.
+Measured (2026-12-02, 2-core AMD EPYC, family 26, float32, 2 threads): oneDNN's GEMMs run at
+1.5-2.7x MKL's rate on W1's expert shapes (table in :mod:`recsys_mtl.ops.cpu_gemm`), and the W1
+step with :class:`~recsys_mtl.modules.experts.Experts` on this op is in ``benchmarks/README.md``.
+On an earlier 2-core AMD EPYC of the same day, where MKL was closer, only the 2-D forward's
+post-op gained (0.63-0.86x addmm + relu); per group, oneDNN tied ``baddbmm`` there and paid the
+stack copy. ``threshold_backward`` is the fastest mask read from the output (B=2048 N=1536:
+``dY*(Y>0)`` 3.3 ms, ``where(Y>0, dY, 0)`` 7.1 ms, ``threshold_backward`` 1.1 ms). The custom op's
+Python dispatch costs about 0.15 ms per forward + backward (tiny shapes).
 
 The ops have fake (meta) kernels and an autograd formula, so they work under ``torch.compile``
 (``fullgraph=True``, ``dynamic=False``: each stays one opaque node), ``torch.fx`` (one
@@ -82,14 +60,13 @@ from __future__ import annotations
 import torch
 from torch.library import custom_op
 
+from recsys_mtl.ops import cpu_gemm
 from recsys_mtl.ops._impl import ImplChoice
 from recsys_mtl.ops.pytorch.fused_expert import expert_linear_relu_reference
 
-__all__ = ["expert_linear_relu", "expert_linear_relu_reference", "IMPL_ENV", "USE_ONEDNN"]
+__all__ = ["expert_linear_relu", "expert_linear_relu_reference", "IMPL_ENV"]
 
 IMPL_ENV = "RECSYS_MTL_EXPERT_LINEAR_IMPL"
-USE_ONEDNN = True
-"""Take oneDNN's Linear + ReLU post-op for 2-D float32 CPU forwards (when the build has oneDNN)."""
 
 _IMPL = ImplChoice(IMPL_ENV)
 _force_impl = _IMPL.force  # with _force_impl("triton"): ... (tests, benchmarks)
@@ -167,20 +144,28 @@ def _empty(like: torch.Tensor) -> torch.Tensor:
 # ---- PyTorch path (CPU and any non-CUDA device) ----------------------------------------------
 
 
-def _onednn(x: torch.Tensor) -> bool:
-    """oneDNN's Linear + ReLU post-op applies: 2-D float32 on CPU, ``K > 0``, oneDNN built and enabled."""
-    return (
-        USE_ONEDNN and x.dim() == 2 and x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[1] > 0
-        and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-    )  # fmt: skip
+def _per_group(f, *ts: torch.Tensor) -> torch.Tensor:
+    """``stack([f(t0[g], t1[g], ...) for g])``: oneDNN has no batched weight, so one call per group."""
+    return torch.stack([f(*(t[g] for t in ts)) for g in range(ts[0].shape[0])])
+
+
+def _weight_grad(x: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
+    """``dW = Xᵀ dZ`` (``K x N``) by oneDNN, whose inner product reads its input row-major only: one
+    of ``Xᵀ`` (``K x B``) and ``dZᵀ`` (``N x B``) is copied transposed. The smaller is: ``Xᵀ dZ``
+    with ``K <= N``, else ``(dZᵀ X)ᵀ`` (and the ``N x K`` result, a weight's size, transposed back)."""
+    if x.shape[1] <= dz.shape[1]:
+        return cpu_gemm.linear(x.t(), dz.t())  # (K x B)(B x N)
+    return cpu_gemm.linear(dz.t(), x.t()).t().contiguous()  # ((N x B)(B x K))ᵀ
 
 
 def _forward_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    if _onednn(x):
-        b = None if bias is None else bias.reshape(-1)  # N
-        # oneDNN inner product, weight N x K (a transposed view of K x N), ReLU as a post-op.
-        y = torch.ops.mkldnn._linear_pointwise(x, weight.t(), b, "relu", [], "")  # B x N
-        return y if y.is_contiguous() else y.contiguous()
+    if cpu_gemm.use_onednn(x) and x.shape[-1] > 0:
+        # oneDNN inner products, weight N x K (a transposed view of K x N), ReLU as a post-op.
+        if x.dim() == 2:
+            return cpu_gemm.linear(x, weight.t(), bias, relu=True)  # B x N
+        if bias is None:
+            return _per_group(lambda xg, wg: cpu_gemm.linear(xg, wg.t(), None, relu=True), x, weight)
+        return _per_group(lambda xg, wg, bg: cpu_gemm.linear(xg, wg.t(), bg, relu=True), x, weight, bias)  # G x B x N
     if x.dim() == 2:
         z = torch.mm(x, weight) if bias is None else torch.addmm(bias, x, weight)  # B x N
     else:
@@ -195,13 +180,23 @@ def _backward_torch(
     if not (need_input or need_weight or need_bias):
         return _empty(grad), _empty(grad), _empty(grad)
     dz = torch.ops.aten.threshold_backward(grad, y, 0)  # dY ⊙ [Y > 0]: B x N or G x B x N
+    onednn = cpu_gemm.use_onednn(dz) and x.shape[-1] > 0
+    # oneDNN: dX = dZ Wᵀ is linear(dZ, W) (W K x N is the N' x K' weight); dW: _weight_grad.
     if x.dim() == 2:
-        dx = torch.mm(dz, weight.t()) if need_input else _empty(grad)  # B x K = (B x N)(N x K)
-        dw = torch.mm(x.t(), dz) if need_weight else _empty(grad)  # K x N = (K x B)(B x N)
+        if onednn:
+            dx = cpu_gemm.linear(dz, weight) if need_input else _empty(grad)  # B x K
+            dw = _weight_grad(x, dz) if need_weight else _empty(grad)  # K x N
+        else:
+            dx = torch.mm(dz, weight.t()) if need_input else _empty(grad)  # B x K = (B x N)(N x K)
+            dw = torch.mm(x.t(), dz) if need_weight else _empty(grad)  # K x N = (K x B)(B x N)
         db = dz.sum(0) if need_bias else _empty(grad)  # N
     else:
-        dx = torch.bmm(dz, weight.transpose(1, 2)) if need_input else _empty(grad)  # G x B x K
-        dw = torch.bmm(x.transpose(1, 2), dz) if need_weight else _empty(grad)  # G x K x N
+        if onednn:
+            dx = _per_group(cpu_gemm.linear, dz, weight) if need_input else _empty(grad)  # G x B x K
+            dw = _per_group(_weight_grad, x, dz) if need_weight else _empty(grad)  # G x K x N
+        else:
+            dx = torch.bmm(dz, weight.transpose(1, 2)) if need_input else _empty(grad)  # G x B x K
+            dw = torch.bmm(x.transpose(1, 2), dz) if need_weight else _empty(grad)  # G x K x N
         db = dz.sum(1, keepdim=True) if need_bias else _empty(grad)  # G x 1 x N
     return dx, dw, db
 

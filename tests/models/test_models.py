@@ -175,10 +175,11 @@ def test_mmoe_matches_the_paper_formula() -> None:
         assert torch.allclose(model(b.dense, b.sparse)[t], expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["aten", "fused"])
 @pytest.mark.parametrize("grouped", [False, True])
-def test_batched_experts_match_per_expert_mlps(grouped: bool) -> None:
+def test_batched_experts_match_per_expert_mlps(grouped: bool, fused: bool) -> None:
     torch.manual_seed(0)
-    ex = Experts(8, [16, 4, 3], num_experts=3, num_groups=2, grouped_input=grouped)
+    ex = Experts(8, [16, 4, 3], num_experts=3, num_groups=2, grouped_input=grouped, fused=fused)
     x = torch.randn(2, 5, 8) if grouped else torch.randn(5, 8)
     ref = []
     for e in range(6):
@@ -188,6 +189,43 @@ def test_batched_experts_match_per_expert_mlps(grouped: bool) -> None:
             h = torch.relu(h @ w + b)
         ref.append(h)
     assert torch.allclose(ex(x), torch.stack(ref), atol=1e-6)
+
+
+@pytest.mark.parametrize(("grouped", "n", "g", "sizes"), [
+    (False, 3, 2, [16, 4, 3]), (False, 1, 1, [8]), (False, 2, 1, [12, 5]),
+    (True, 3, 2, [16, 4]), (True, 1, 3, [8, 6]), (True, 2, 2, [5]),
+])  # fmt: skip
+def test_fused_experts_match_the_aten_layers(grouped: bool, n: int, g: int, sizes: list[int]) -> None:
+    """The oneDNN op path (``fused``) and the addmm / baddbmm path compute the same outputs and
+    gradients from the same parameters, and the gradients keep the parameters' strides (DDP)."""
+    torch.manual_seed(0)
+    a = Experts(8, sizes, n, g, grouped_input=grouped, zero_rows=2 if not grouped else 0, fused=False)
+    b = Experts(8, sizes, n, g, grouped_input=grouped, zero_rows=2 if not grouped else 0, fused=True)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(g, 33, 8) if grouped else torch.randn(33, 8)
+    if not grouped:
+        x[:, -2:] = 0  # the zero padding columns
+    ya, yb = a(x), b(x)
+    assert ya.shape == yb.shape == (n * g, 33, sizes[-1])
+    torch.testing.assert_close(yb, ya, rtol=1e-5, atol=1e-6)
+    dy = torch.randn_like(ya)
+    ga = torch.autograd.grad(ya, list(a.parameters()), dy)
+    gb = torch.autograd.grad(yb, list(b.parameters()), dy)
+    for (name, p), da, db in zip(b.named_parameters(), ga, gb):
+        torch.testing.assert_close(db, da, rtol=1e-5, atol=1e-5, msg=name)
+        assert db.stride() == p.stride(), name
+    if not grouped:
+        assert gb[0][-2:].abs().max() == 0  # padding rows get no gradient
+
+
+def test_experts_read_the_gemm_backend_when_built() -> None:
+    from recsys_mtl.ops import cpu_gemm
+
+    with cpu_gemm.force("aten"):
+        assert not Experts(4, [3], 2).fused
+    with cpu_gemm.force("onednn"):
+        assert Experts(4, [3], 2).fused
+    assert not Experts(4, [3], 2, fused=False).fused
 
 
 def test_train_module_masks_out_of_space_samples() -> None:

@@ -19,6 +19,8 @@ from torch._dynamo.backends.registry import lookup_backend
 
 from recsys_mtl.config import MASKED_SHARING_MODELS, MODEL_NAMES, PAIR_MODELS, GradConfig, ModelConfig, TrainConfig
 from recsys_mtl.models import build_model
+from recsys_mtl.modules.experts import Experts
+from recsys_mtl.ops import cpu_gemm
 from recsys_mtl.testing import tiny_batch, tiny_schema
 from recsys_mtl.train.compiled import compile_head, eager_reason
 from recsys_mtl.train.losses import MultiTaskLoss
@@ -137,13 +139,18 @@ def test_padding_rows_stay_zero_and_init_is_unchanged() -> None:
     torch.testing.assert_close(padded(b.dense, b.sparse)["click"], unpadded(b.dense, b.sparse)["click"])
 
 
-def test_inductor_head_matches_eager_without_relu_masks() -> None:
+@pytest.mark.parametrize("gemm", ["aten", "onednn"])
+def test_inductor_head_matches_eager_without_relu_masks(gemm: str) -> None:
     """PLE through inductor: equal losses and gradients, and no ``bool`` tensor is written by the
-    generated code (a saved ReLU mask; the only ``bool`` input is the label mask)."""
+    generated code (a saved ReLU mask; the only ``bool`` input is the label mask). With ATen's GEMMs
+    the experts are addmm / baddbmm + ReLU inside the graph; with oneDNN's each expert layer is one
+    opaque ``recsys_mtl::expert_linear_relu`` node (forward and backward)."""
     from torch._inductor.utils import run_and_get_code
 
     backend = CountingBackend("inductor")
-    schema, eager, compiled = _pair("ple", backend, num_levels=2, expert_layer_sizes=(16, 8))
+    with cpu_gemm.force(gemm):  # read when the experts are built
+        schema, eager, compiled = _pair("ple", backend, num_levels=2, expert_layer_sizes=(16, 8))
+    assert all(m.fused == (gemm == "onednn") for m in eager.modules() if isinstance(m, Experts))
 
     def first_step():
         loss, _ = compiled(tiny_batch(schema, 16, seed=9))
@@ -161,6 +168,9 @@ def test_inductor_head_matches_eager_without_relu_masks() -> None:
     compiled.zero_grad(set_to_none=True)
     code = "\n".join(codes)
     assert "extern_kernels" in code and "relu" in code and "threshold_backward" in code  # forward and backward
+    fused_ops = code.count("torch.ops.recsys_mtl.expert_linear_relu.default") + code.count(
+        "torch.ops.recsys_mtl.expert_linear_relu_backward.default")
+    assert (fused_ops > 0) == (gemm == "onednn"), fused_ops
     # No kernel writes a bool tensor and none is allocated (the label mask is read: "const bool*").
     written = [ln for ln in code.splitlines() if "bool* out_ptr" in ln or ("empty_strided" in ln and "torch.bool" in ln)]
     assert not written, written
