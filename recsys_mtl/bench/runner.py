@@ -5,7 +5,9 @@ then ``torch.profiler`` op groups of its real steps: :mod:`recsys_mtl.bench.prof
 timed steps run round-robin in chunks, so background load on a shared machine hits every
 contender alike. recsys_mtl runs as two contenders: ``recsys_mtl`` (eager) and
 ``recsys_mtl_compiled`` (``--compile-head``: :mod:`recsys_mtl.train.compiled`; its warm-up
-includes the compilation). Workloads too large for all contenders to live in one process at once
+includes the compilation). The round-robin order rotates by one contender per round, and the
+first step of each contender's chunk (the one after the switch) is run but not timed.
+Workloads too large for all contenders to live in one process at once
 (``Workload.sequential``, W2) instead build, time and free each contender in turn. Throughput
 is the batch size over the median step time.
 """
@@ -213,11 +215,18 @@ def run_contenders(
         c.rss_delta_mb = _rss_mb() - before
         contenders.append(c)
     bar = progress(total=steps * len(contenders)) if progress else None
-    done = 0
+    done, rounds = 0, 0
     try:
         while done < steps:
             n = min(chunk, steps - done)
-            for c in contenders:
+            # Each round starts one contender later, so each follows each other one equally often,
+            # and the first step after a switch is not timed: it pays for the previous contender's
+            # cache and allocator state (torch-rechub's dense Adam over all its tables, ~1 GB of
+            # traffic per step, made the next contender's first step 1.3-2x its others; 2026-12-02).
+            k = rounds % len(contenders)
+            for c in contenders[k:] + contenders[:k]:
+                if len(contenders) > 1:
+                    c.step()  # switch-over step, untimed
                 for _ in range(n):
                     t0 = time.perf_counter()
                     c.step()
@@ -225,6 +234,7 @@ def run_contenders(
                 if bar is not None:
                     bar.update(n)
             done += n
+            rounds += 1
     finally:
         if bar is not None:
             bar.close()

@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 from recsys_mtl.modules.experts import uniform_rows_
+from recsys_mtl.ops import cpu_gemm
+from recsys_mtl.ops.fused_expert import expert_linear
 
 
 class Gates(nn.Module):
@@ -21,6 +23,10 @@ class Gates(nn.Module):
             (instead of one shared ``B x D``); fixed at construction for ``torch.fx`` tracing.
         zero_rows (int): the last ``zero_rows`` input features are zero padding (weight rows
             start at zero and stay there; see :class:`~recsys_mtl.modules.experts.Experts`).
+        fused (bool | None): compute the logits with
+            :func:`~recsys_mtl.ops.fused_expert.expert_linear` (oneDNN on CPU) instead of ``addmm`` /
+            ``baddbmm``; None: where :func:`recsys_mtl.ops.cpu_gemm.backend` is ``"onednn"``, read
+            here once (as :class:`~recsys_mtl.modules.experts.Experts` does).
 
     Example::
 
@@ -32,8 +38,9 @@ class Gates(nn.Module):
     """
 
     def __init__(self, in_features: int, num_choices: int, num_gates: int = 1, grouped_input: bool = False,
-                 zero_rows: int = 0) -> None:
+                 zero_rows: int = 0, fused: bool | None = None) -> None:
         super().__init__()
+        self.fused = cpu_gemm.backend() == "onednn" if fused is None else bool(fused)
         if not 0 <= zero_rows < in_features:
             raise ValueError(f"Gates: zero_rows must be in [0, {in_features}), got {zero_rows}")
         self.zero_rows = zero_rows
@@ -68,10 +75,15 @@ class Gates(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``B x D`` (or ``G x B x D`` with ``grouped_input``) -> ``G x B x E`` scores."""
-        if not self.grouped_input:
+        if self.fused:
+            z = expert_linear(x, self.weight, self.bias)  # B x (G*E), or G x B x E grouped
+        elif self.grouped_input:
+            z = torch.baddbmm(self.bias, x, self.weight)  # G x B x E
+        else:
             z = torch.addmm(self.bias, x, self.weight)  # B x (G*E)
-            return z.view(x.shape[0], self.num_gates, self.num_choices).transpose(0, 1)  # G x B x E
-        return torch.baddbmm(self.bias, x, self.weight)  # G x B x E
+        if self.grouped_input:
+            return z
+        return z.view(x.shape[0], self.num_gates, self.num_choices).transpose(0, 1)  # G x B x E
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.logits(x), dim=-1)  # G x B x E

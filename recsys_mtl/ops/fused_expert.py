@@ -64,7 +64,7 @@ from recsys_mtl.ops import cpu_gemm
 from recsys_mtl.ops._impl import ImplChoice
 from recsys_mtl.ops.pytorch.fused_expert import expert_linear_relu_reference
 
-__all__ = ["expert_linear_relu", "expert_linear_relu_reference", "IMPL_ENV"]
+__all__ = ["expert_linear_relu", "expert_linear", "expert_linear_relu_reference", "IMPL_ENV"]
 
 IMPL_ENV = "RECSYS_MTL_EXPERT_LINEAR_IMPL"
 
@@ -105,34 +105,34 @@ def _shapes(*ts: torch.Tensor | None) -> str:
     return ", ".join("None" if t is None else str(tuple(t.shape)) for t in ts)
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, op: str = "expert_linear_relu") -> None:
     """Raises on anything but ``(B x K, K x N, N | 1 x N | None)`` or ``(G x B x K, G x K x N, G x 1 x N | None)``."""
     if x.dim() == 2 and weight.dim() == 2:
         k, n = weight.shape
         if x.shape[1] != k:
-            raise ValueError(f"expert_linear_relu: x B x K needs weight K x N with the same K, got x "
+            raise ValueError(f"{op}: x B x K needs weight K x N with the same K, got x "
                              f"{tuple(x.shape)} and weight {tuple(weight.shape)}")
         if bias is not None and tuple(bias.shape) not in ((n,), (1, n)):
-            raise ValueError(f"expert_linear_relu: bias must be ({n},) or (1, {n}) for weight "
+            raise ValueError(f"{op}: bias must be ({n},) or (1, {n}) for weight "
                              f"{tuple(weight.shape)}, got {tuple(bias.shape)}")
     elif x.dim() == 3 and weight.dim() == 3:
         g, k, n = weight.shape
         if x.shape[0] != g or x.shape[2] != k:
-            raise ValueError(f"expert_linear_relu: x G x B x K needs weight G x K x N with the same G and K, "
+            raise ValueError(f"{op}: x G x B x K needs weight G x K x N with the same G and K, "
                              f"got x {tuple(x.shape)} and weight {tuple(weight.shape)}")
         if bias is not None and tuple(bias.shape) != (g, 1, n):
-            raise ValueError(f"expert_linear_relu: bias must be ({g}, 1, {n}) for weight {tuple(weight.shape)}, "
+            raise ValueError(f"{op}: bias must be ({g}, 1, {n}) for weight {tuple(weight.shape)}, "
                              f"got {tuple(bias.shape)}")
     else:
-        raise ValueError(f"expert_linear_relu needs x B x K with weight K x N, or x G x B x K with weight "
+        raise ValueError(f"{op} needs x B x K with weight K x N, or x G x B x K with weight "
                          f"G x K x N; got x, weight, bias {_shapes(x, weight, bias)}")
     ts = [t for t in (x, weight, bias) if t is not None]
     devices = {t.device for t in ts}
     if len(devices) > 1:
-        raise ValueError(f"expert_linear_relu: x, weight and bias must be on one device, got "
+        raise ValueError(f"{op}: x, weight and bias must be on one device, got "
                          f"{sorted(map(str, devices))}")
     if not all(t.dtype.is_floating_point for t in ts) or len({t.dtype for t in ts}) > 1:
-        raise TypeError(f"expert_linear_relu: x, weight and bias must share one floating-point dtype, got "
+        raise TypeError(f"{op}: x, weight and bias must share one floating-point dtype, got "
                         f"{x.dtype}, {weight.dtype}, {None if bias is None else bias.dtype}")
 
 
@@ -144,11 +144,6 @@ def _empty(like: torch.Tensor) -> torch.Tensor:
 # ---- PyTorch path (CPU and any non-CUDA device) ----------------------------------------------
 
 
-def _per_group(f, *ts: torch.Tensor) -> torch.Tensor:
-    """``stack([f(t0[g], t1[g], ...) for g])``: oneDNN has no batched weight, so one call per group."""
-    return torch.stack([f(*(t[g] for t in ts)) for g in range(ts[0].shape[0])])
-
-
 def _weight_grad(x: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
     """``dW = Xᵀ dZ`` (``K x N``) by oneDNN, whose inner product reads its input row-major only: one
     of ``Xᵀ`` (``K x B``) and ``dZᵀ`` (``N x B``) is copied transposed. The smaller is: ``Xᵀ dZ``
@@ -158,19 +153,47 @@ def _weight_grad(x: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
     return cpu_gemm.linear(dz.t(), x.t()).t().contiguous()  # ((N x B)(B x K))ᵀ
 
 
-def _forward_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _forward_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, relu: bool = True) -> torch.Tensor:
+    """``x @ weight + bias``, then ReLU when ``relu``: ``B x N`` or ``G x B x N``, a fresh tensor."""
     if cpu_gemm.use_onednn(x) and x.shape[-1] > 0:
         # oneDNN inner products, weight N x K (a transposed view of K x N), ReLU as a post-op.
         if x.dim() == 2:
-            return cpu_gemm.linear(x, weight.t(), bias, relu=True)  # B x N
-        if bias is None:
-            return _per_group(lambda xg, wg: cpu_gemm.linear(xg, wg.t(), None, relu=True), x, weight)
-        return _per_group(lambda xg, wg, bg: cpu_gemm.linear(xg, wg.t(), bg, relu=True), x, weight, bias)  # G x B x N
+            return cpu_gemm.linear(x, weight.t(), bias, relu=relu)  # B x N
+        return torch.stack([
+            cpu_gemm.linear(x[g], weight[g].t(), None if bias is None else bias[g], relu=relu)
+            for g in range(x.shape[0])
+        ])  # G x B x N  (fmt: skip)
     if x.dim() == 2:
         z = torch.mm(x, weight) if bias is None else torch.addmm(bias, x, weight)  # B x N
     else:
         z = torch.bmm(x, weight) if bias is None else torch.baddbmm(bias, x, weight)  # G x B x N
-    return z.relu_()  # fresh output: in place
+    return z.relu_() if relu else z  # fresh output: in place
+
+
+def _linear_backward(
+    dz: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, need_input: bool, need_weight: bool, need_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(dX, dW, db)`` of ``Z = X W + b`` from ``dZ``; a gradient not asked for is an empty tensor."""
+    onednn = cpu_gemm.use_onednn(dz) and x.shape[-1] > 0
+    # oneDNN: dX = dZ Wᵀ is linear(dZ, W) (W K x N is the N' x K' weight); dW: _weight_grad.
+    if x.dim() == 2:
+        if onednn:
+            dx = cpu_gemm.linear(dz, weight) if need_input else _empty(dz)  # B x K
+            dw = _weight_grad(x, dz) if need_weight else _empty(dz)  # K x N
+        else:
+            dx = torch.mm(dz, weight.t()) if need_input else _empty(dz)  # B x K = (B x N)(N x K)
+            dw = torch.mm(x.t(), dz) if need_weight else _empty(dz)  # K x N = (K x B)(B x N)
+        db = dz.sum(0) if need_bias else _empty(dz)  # N
+    else:
+        groups = range(x.shape[0])
+        if onednn:
+            dx = torch.stack([cpu_gemm.linear(dz[g], weight[g]) for g in groups]) if need_input else _empty(dz)
+            dw = torch.stack([_weight_grad(x[g], dz[g]) for g in groups]) if need_weight else _empty(dz)
+        else:
+            dx = torch.bmm(dz, weight.transpose(1, 2)) if need_input else _empty(dz)  # G x B x K
+            dw = torch.bmm(x.transpose(1, 2), dz) if need_weight else _empty(dz)  # G x K x N
+        db = dz.sum(1, keepdim=True) if need_bias else _empty(dz)  # G x 1 x N
+    return dx, dw, db
 
 
 def _backward_torch(
@@ -180,25 +203,7 @@ def _backward_torch(
     if not (need_input or need_weight or need_bias):
         return _empty(grad), _empty(grad), _empty(grad)
     dz = torch.ops.aten.threshold_backward(grad, y, 0)  # dY ⊙ [Y > 0]: B x N or G x B x N
-    onednn = cpu_gemm.use_onednn(dz) and x.shape[-1] > 0
-    # oneDNN: dX = dZ Wᵀ is linear(dZ, W) (W K x N is the N' x K' weight); dW: _weight_grad.
-    if x.dim() == 2:
-        if onednn:
-            dx = cpu_gemm.linear(dz, weight) if need_input else _empty(grad)  # B x K
-            dw = _weight_grad(x, dz) if need_weight else _empty(grad)  # K x N
-        else:
-            dx = torch.mm(dz, weight.t()) if need_input else _empty(grad)  # B x K = (B x N)(N x K)
-            dw = torch.mm(x.t(), dz) if need_weight else _empty(grad)  # K x N = (K x B)(B x N)
-        db = dz.sum(0) if need_bias else _empty(grad)  # N
-    else:
-        if onednn:
-            dx = _per_group(cpu_gemm.linear, dz, weight) if need_input else _empty(grad)  # G x B x K
-            dw = _per_group(_weight_grad, x, dz) if need_weight else _empty(grad)  # G x K x N
-        else:
-            dx = torch.bmm(dz, weight.transpose(1, 2)) if need_input else _empty(grad)  # G x B x K
-            dw = torch.bmm(x.transpose(1, 2), dz) if need_weight else _empty(grad)  # G x K x N
-        db = dz.sum(1, keepdim=True) if need_bias else _empty(grad)  # G x 1 x N
-    return dx, dw, db
+    return _linear_backward(dz, x, weight, need_input, need_weight, need_bias)
 
 
 # ---- the ops -------------------------------------------------------------------------------
@@ -294,3 +299,88 @@ def _backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> t
 
 
 _expert_linear_relu_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- the same layouts without the ReLU: expert_linear (the gates' logits) -------------------
+
+
+def expert_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ weight + bias`` in :func:`expert_linear_relu`'s layouts, without the ReLU (differentiable).
+
+    :class:`~recsys_mtl.modules.gates.Gates` computes its logits with it where float32 CPU GEMMs run
+    on oneDNN: a gate's ``N`` is the few experts it mixes, the shape MKL is slowest at (measured
+    2026-12-02, 2-core AMD EPYC, B=2048 K=432 N=8: forward 0.50 vs 0.11 ms, weight gradient 0.55
+    vs 0.12 ms). Same implementations as :func:`expert_linear_relu` on CPU; on other devices
+    ``addmm`` / ``baddbmm`` (no Triton kernel: cuBLAS serves these shapes). Arguments, shapes and
+    errors as there; returns ``B x N`` or ``G x B x N``.
+
+    Example::
+
+        >>> expert_linear(torch.tensor([[1.0, -2.0]]), torch.tensor([[1.0], [1.0]]), torch.tensor([0.5]))
+        tensor([[-0.5000]])
+    """
+    return torch.ops.recsys_mtl.expert_linear(x, weight, bias)
+
+
+@custom_op("recsys_mtl::expert_linear", mutates_args=())
+def _expert_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``B x N`` or ``G x B x N``: ``x @ weight + bias`` (see :func:`expert_linear`)."""
+    _check(x, weight, bias, "expert_linear")
+    return _forward_torch(x, weight, bias, relu=False)
+
+
+@_expert_linear_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    _check(x, weight, bias, "expert_linear")
+    return x.new_empty((*x.shape[:-1], weight.shape[-1]))  # B x N or G x B x N
+
+
+def _check_linear_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
+    _check(x, weight, None, "expert_linear_backward")
+    want = (*x.shape[:-1], weight.shape[-1])
+    if tuple(grad.shape) != want:
+        raise ValueError(f"expert_linear_backward: grad must be {want} for x {tuple(x.shape)} and weight "
+                         f"{tuple(weight.shape)}, got {tuple(grad.shape)}")
+    if grad.dtype != x.dtype:
+        raise TypeError(f"expert_linear_backward: grad must be {x.dtype}, got {grad.dtype}")
+
+
+@custom_op("recsys_mtl::expert_linear_backward", mutates_args=())
+def _expert_linear_backward_op(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, need_input: bool, need_weight: bool, need_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(dX, dW, db)`` of :func:`expert_linear` (shapes as :func:`expert_linear_relu`'s backward)."""
+    _check_linear_backward(grad, x, weight)
+    if not (need_input or need_weight or need_bias):
+        return _empty(grad), _empty(grad), _empty(grad)
+    return _linear_backward(grad, x, weight, need_input, need_weight, need_bias)
+
+
+@_expert_linear_backward_op.register_fake
+def _(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, need_input: bool, need_weight: bool, need_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    _check_linear_backward(grad, x, weight)
+    n = weight.shape[-1]
+    return (
+        grad.new_empty(x.shape) if need_input else _empty(grad),
+        grad.new_empty(weight.shape) if need_weight else _empty(grad),
+        grad.new_empty((n,) if x.dim() == 2 else (x.shape[0], 1, n)) if need_bias else _empty(grad),
+    )
+
+
+def _setup_linear_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.bias_shape = None if bias is None else tuple(bias.shape)
+
+
+def _linear_backward_formula(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple:
+    x, weight = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    need_b = bool(need_b and ctx.bias_shape is not None)
+    dx, dw, db = torch.ops.recsys_mtl.expert_linear_backward(grad, x, weight, need_x, need_w, need_b)
+    return (dx if need_x else None, dw if need_w else None, db.reshape(ctx.bias_shape) if need_b else None)
+
+
+_expert_linear_op.register_autograd(_linear_backward_formula, setup_context=_setup_linear_context)
