@@ -49,6 +49,8 @@ ELEMENTWISE_PREFIXES = (
     "aten::_local_scalar_dense", "aten::norm", "aten::linalg_vector_norm", "aten::sort", "aten::topk",
 )
 OPTIMIZER_RANGES = ("Optimizer.step", "## optimizer", "Optimizer.zero_grad")
+
+
 def _linear_flops(e) -> float:
     """FLOPs of a ``mkldnn::_linear_pointwise`` event (the profiler has no formula for it): input
     ``... x K``, weight ``N x K``: ``2 x rows x K x N``."""

@@ -38,7 +38,7 @@ from recsys_mtl.modules.embeddings import (
     embedding_lookup,
 )
 from recsys_mtl.modules.experts import Experts
-from recsys_mtl.modules.mlp import MLP, Tower
+from recsys_mtl.modules.mlp import MLP, Tower, linear
 
 GateInput = Literal["concat", "sum", "task", "shared"]
 
@@ -142,7 +142,7 @@ class STEMNet(nn.Module):
         num_all = t * num_task_experts + num_shared_experts
         self.gates = nn.ModuleDict(
             {
-                task: nn.Sequential(MLP(gate_in, gate_layer_sizes), nn.Linear(gate_layer_sizes[-1] if gate_layer_sizes else gate_in, num_all))
+                task: nn.Sequential(MLP(gate_in, gate_layer_sizes), linear(gate_layer_sizes[-1] if gate_layer_sizes else gate_in, num_all))
                 for task in self.tasks
             }
         )

@@ -168,9 +168,9 @@ class Experts(nn.Module):
             x (torch.Tensor): ``B x D``, or ``G x B x D`` with ``grouped_input``.
 
         Returns:
-            torch.Tensor: ``E x B x H`` expert outputs, group-major (group 0's experts first); with
-            grouped input and ``n > 1`` experts per group, a transposed view of an ``E x H x B``
-            tensor (see :meth:`_grouped_feature_major`).
+            torch.Tensor: ``E x B x H`` expert outputs, group-major (group 0's experts first);
+            contiguous with ``fused``, else, with grouped input and ``n > 1`` experts per group, a
+            transposed view of an ``E x H x B`` tensor (see :meth:`_grouped_feature_major`).
         """
         e, n = self.total_experts, self.num_experts
         d_out = self._sizes[1]

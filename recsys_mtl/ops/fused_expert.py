@@ -162,7 +162,7 @@ def _forward_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         return torch.stack([
             cpu_gemm.linear(x[g], weight[g].t(), None if bias is None else bias[g], relu=relu)
             for g in range(x.shape[0])
-        ])  # G x B x N  (fmt: skip)
+        ])  # G x B x N
     if x.dim() == 2:
         z = torch.mm(x, weight) if bias is None else torch.addmm(bias, x, weight)  # B x N
     else:
@@ -207,6 +207,18 @@ def _backward_torch(
 
 
 # ---- the ops -------------------------------------------------------------------------------
+
+
+def _fake_grads(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, need_input: bool, need_weight: bool, need_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The backward ops' outputs as empty tensors of their shapes (their fake kernels)."""
+    n = weight.shape[-1]
+    return (
+        grad.new_empty(x.shape) if need_input else _empty(grad),
+        grad.new_empty(weight.shape) if need_weight else _empty(grad),
+        grad.new_empty((n,) if x.dim() == 2 else (x.shape[0], 1, n)) if need_bias else _empty(grad),
+    )
 
 
 @custom_op("recsys_mtl::expert_linear_relu", mutates_args=())
@@ -276,12 +288,7 @@ def _(
     need_input: bool, need_weight: bool, need_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     _check_backward(grad, x, weight, y)
-    n = weight.shape[-1]
-    return (
-        grad.new_empty(x.shape) if need_input else _empty(grad),
-        grad.new_empty(weight.shape) if need_weight else _empty(grad),
-        grad.new_empty((n,) if x.dim() == 2 else (x.shape[0], 1, n)) if need_bias else _empty(grad),
-    )
+    return _fake_grads(grad, x, weight, need_input, need_weight, need_bias)
 
 
 def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
@@ -361,12 +368,7 @@ def _(
     grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, need_input: bool, need_weight: bool, need_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     _check_linear_backward(grad, x, weight)
-    n = weight.shape[-1]
-    return (
-        grad.new_empty(x.shape) if need_input else _empty(grad),
-        grad.new_empty(weight.shape) if need_weight else _empty(grad),
-        grad.new_empty((n,) if x.dim() == 2 else (x.shape[0], 1, n)) if need_bias else _empty(grad),
-    )
+    return _fake_grads(grad, x, weight, need_input, need_weight, need_bias)
 
 
 def _setup_linear_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:

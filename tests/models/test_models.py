@@ -245,3 +245,35 @@ def test_train_module_masks_out_of_space_samples() -> None:
 def test_unknown_model_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match=r"model.name \(--model\) must be one of single_task, .*got 'nope'"):
         build_model(tiny_schema(), _cfg("nope"))
+
+
+def test_fused_linear_matches_nn_linear() -> None:
+    """``modules.mlp.Linear`` on the oneDNN op: nn.Linear's outputs and gradients for 2-D and 3-D
+    inputs, gradients in the parameters' layout, the same state dict, and fx-traceable."""
+    from recsys_mtl.modules.mlp import MLP, MIN_FUSED_OUT, Linear
+
+    torch.manual_seed(0)
+    plain, fused = Linear(12, 20, fused=False), Linear(12, 20, fused=True)
+    fused.load_state_dict(plain.state_dict())
+    for x in (torch.randn(9, 12), torch.randn(3, 5, 12)):
+        ya, yb = plain(x), fused(x)
+        torch.testing.assert_close(yb, ya, rtol=1e-5, atol=1e-6)
+        dy = torch.randn_like(ya)
+        ga = torch.autograd.grad(ya, list(plain.parameters()), dy)
+        gb = torch.autograd.grad(yb, list(fused.parameters()), dy)
+        for p, a, b in zip(fused.parameters(), ga, gb):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    fused.weight.grad = None
+    fused(torch.randn(4, 12)).sum().backward()
+    assert fused.weight.grad.stride() == fused.weight.stride()  # AccumulateGrad keeps the layout
+    from recsys_mtl.ops import cpu_gemm
+
+    with cpu_gemm.force("onednn"):
+        assert Linear(4, MIN_FUSED_OUT).fused and not Linear(4, MIN_FUSED_OUT - 1).fused
+        mlp = MLP(6, [32, 16])
+    with cpu_gemm.force("aten"):
+        assert not Linear(4, 64).fused
+    gm = torch.fx.symbolic_trace(mlp)
+    x = torch.randn(7, 6)
+    torch.testing.assert_close(gm(x), mlp(x))
+    assert sum("expert_linear" in str(n.target) for n in gm.graph.nodes) == 2
