@@ -17,7 +17,8 @@ so the choice is measured, not assumed: :func:`backend` times one 1024 x 512 x 5
 ways the first time it is asked (about 30 ms, once per process) and keeps the faster. The
 environment variable ``RECSYS_MTL_CPU_GEMM`` (``auto``, ``onednn`` or ``aten``) overrides it;
 :func:`force` does so inside a block (tests, benchmarks). A process that sees a CUDA device
-answers ``aten`` under ``auto``: its models train on the GPU.
+answers ``aten`` under ``auto``: its models train on the GPU. In a multi-rank job the trainer
+makes every rank keep rank 0's measurement (:func:`agree`).
 
 Results agree with MKL's to float32 rounding (a different summation order: relative 1e-6), not
 bit for bit. oneDNN reads plain row-major and column-major (transposed) operands in place; a
@@ -35,7 +36,7 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["ENV", "BACKENDS", "backend", "force", "use_onednn", "linear", "mm"]
+__all__ = ["ENV", "BACKENDS", "backend", "agree", "force", "use_onednn", "linear", "mm"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +95,29 @@ def backend() -> str:
     if _measured is None:
         _measured = _calibrate()
     return _measured
+
+
+def agree() -> str:
+    """:func:`backend`, with every rank of the default process group on rank 0's measurement.
+
+    Under ``auto`` each process times the GEMMs itself, and two ranks of one job could pick
+    differently (their results would then differ at float32 rounding). The trainer calls this once,
+    before it builds the model: every rank measures, and rank 0's answer is broadcast and kept.
+    Without a process group, with one rank, with the choice forced or set by ``RECSYS_MTL_CPU_GEMM``,
+    or on a CUDA host, it is :func:`backend` as is (no collective).
+    """
+    global _measured
+    import torch.distributed as dist
+
+    choice = backend()
+    if (_forced or os.environ.get(ENV, "auto")) != "auto" or not _onednn_available() or torch.cuda.is_available():
+        return choice
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return choice
+    box = [choice]
+    dist.broadcast_object_list(box, src=0)
+    _measured = box[0]
+    return backend()
 
 
 @contextlib.contextmanager

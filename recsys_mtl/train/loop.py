@@ -38,6 +38,7 @@ from recsys_mtl.distributed.sharding import plan_summary, shard_model
 from recsys_mtl.analysis import GateRecorder
 from recsys_mtl.metrics import MTLMetrics, format_table
 from recsys_mtl.models import build_model
+from recsys_mtl.ops import cpu_gemm
 from recsys_mtl.train.best import BEST_MODEL_DIR, BestTracker, check_spec
 from recsys_mtl.train.eval_outputs import EvalCollector, write_eval_outputs
 from recsys_mtl.train.checkpoint import Checkpointer, TrainPosition, checkpoint_run_info
@@ -294,6 +295,8 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step: Callable[[int, torch.Tensor]
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
 
+    # Where float32 CPU GEMMs go (oneDNN or MKL; read by the layers when built): rank 0's choice on every rank.
+    cpu_gemm.agree()
     # Model on meta, sharded once; dense parts are materialised and initialised by DMP.
     model = MTLTrainModule(build_model(schema, cfg.model, device="meta"), make_loss(cfg, schema))
     masked = is_masked_sharing(model.model)

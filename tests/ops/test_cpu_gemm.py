@@ -77,3 +77,30 @@ def test_linear_matches_addmm_for_every_layout(relu, bias):
             torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5, msg=f"x {xl}, weight {wl}")
     a, bb = torch.randn(m, k, generator=gen), torch.randn(k, n, generator=gen)
     torch.testing.assert_close(cpu_gemm.mm(a, bb), a @ bb, rtol=1e-5, atol=1e-5)
+
+
+def _agree_on_two_ranks(rank1_measures: str) -> tuple[str, bool]:
+    """Rank 1's calibration answers ``rank1_measures``, rank 0's ``onednn``; after ``agree`` both
+    hold rank 0's answer, and an Experts built then follows it."""
+    import os
+
+    from recsys_mtl.distributed.env import init_distributed
+    from recsys_mtl.modules.experts import Experts
+
+    os.environ.pop(cpu_gemm.ENV, None)  # auto (the test suite sets onednn)
+    env = init_distributed()
+    cpu_gemm._calibrate = lambda: "onednn" if env.rank == 0 else rank1_measures
+    return cpu_gemm.agree(), Experts(4, [3], 2).fused
+
+
+def test_agree_takes_rank_0s_measurement():
+    from multirank import run_ranks
+
+    assert run_ranks(_agree_on_two_ranks, 2, "aten", timeout=120) == [("onednn", True), ("onednn", True)]
+
+
+def test_agree_without_a_process_group_or_with_an_override(fresh, monkeypatch):
+    monkeypatch.setattr(cpu_gemm, "_calibrate", lambda: "aten")
+    assert cpu_gemm.agree() == "aten"  # no process group: this process's own answer
+    monkeypatch.setenv(cpu_gemm.ENV, "onednn")
+    assert cpu_gemm.agree() == "onednn"
