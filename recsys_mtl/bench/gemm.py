@@ -25,7 +25,9 @@ def measure_gemm_gflops(size: int = 2048, repeats: int = 5, threads: int = 2, ba
         if backend == "aten":
             run = lambda: torch.mm(a, b, out=c)  # noqa: E731
         else:
-            run = lambda: torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], "")  # noqa: E731
+            from recsys_mtl.ops.cpu_gemm import linear
+
+            run = lambda: linear(a, b.t())  # noqa: E731
         run()  # warm-up
         best = float("inf")
         for _ in range(repeats):

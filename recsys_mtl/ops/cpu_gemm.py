@@ -70,10 +70,23 @@ def _calibrate() -> str:
     a = torch.randn(1024, 512, generator=gen, device="cpu")
     b = torch.randn(512, 512, generator=gen, device="cpu")
     aten_ms = _best_ms(lambda: torch.mm(a, b))
-    onednn_ms = _best_ms(lambda: torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], ""))
+    onednn_ms = _best_ms(lambda: linear(a, b.t()))
     choice = "onednn" if onednn_ms < 0.9 * aten_ms else "aten"
     logger.info("float32 CPU GEMMs: %s (1024x512x512: MKL %.2f ms, oneDNN %.2f ms)", choice, aten_ms, onednn_ms)
     return choice
+
+
+def _wanted() -> str:
+    """The forced choice, else ``RECSYS_MTL_CPU_GEMM``, else ``auto`` (validated)."""
+    want = _forced or os.environ.get(ENV, "auto")
+    if want not in BACKENDS:
+        raise ValueError(f"{ENV} must be one of {', '.join(BACKENDS)}, got {want!r}")
+    return want
+
+
+def _measures() -> bool:
+    """The choice is this process's measurement: ``auto``, oneDNN built, no CUDA device."""
+    return _wanted() == "auto" and _onednn_available() and not torch.cuda.is_available()
 
 
 def backend() -> str:
@@ -83,14 +96,12 @@ def backend() -> str:
         ValueError: ``RECSYS_MTL_CPU_GEMM`` set to something other than ``auto``, ``onednn`` or ``aten``.
     """
     global _measured
-    want = _forced or os.environ.get(ENV, "auto")
-    if want not in BACKENDS:
-        raise ValueError(f"{ENV} must be one of {', '.join(BACKENDS)}, got {want!r}")
+    want = _wanted()
     if not _onednn_available():
         return "aten"
     if want != "auto":
         return want
-    if torch.cuda.is_available():
+    if not _measures():  # a CUDA host
         return "aten"
     if _measured is None:
         _measured = _calibrate()
@@ -110,9 +121,7 @@ def agree() -> str:
     import torch.distributed as dist
 
     choice = backend()
-    if (_forced or os.environ.get(ENV, "auto")) != "auto" or not _onednn_available() or torch.cuda.is_available():
-        return choice
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not _measures() or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return choice
     box = [choice]
     dist.broadcast_object_list(box, src=0)
