@@ -597,6 +597,19 @@ def _inside_launcher() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
+def _check_process_env() -> None:
+    """The per-machine settings read from the environment (README, Configuration), validated.
+
+    Raises:
+        ValueError: ``RECSYS_MTL_CPU_GEMM`` or ``RECSYS_MTL_MALLOC`` has a value they do not take.
+    """
+    from recsys_mtl.distributed import malloc
+    from recsys_mtl.ops import cpu_gemm
+
+    cpu_gemm.check_env()
+    malloc.check_env()
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     if args.nproc_per_node is not None and args.nproc_per_node <= 0:
         print(f"recsys-mtl train: error: --nproc-per-node must be a positive integer, got {args.nproc_per_node}",
@@ -616,6 +629,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from recsys_mtl.train.loop import check_schedules
 
     try:
+        _check_process_env()  # RECSYS_MTL_CPU_GEMM / RECSYS_MTL_MALLOC, before any rank starts
         if is_interactions(Schema.load(cfg.data)):
             check_interactions(cfg.data)  # pairs in range, side tables present
         else:
@@ -861,6 +875,14 @@ def _run_op_or_plan_bench(args: argparse.Namespace) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    from recsys_mtl.distributed.malloc import tune_malloc
+
+    try:  # glibc's malloc thresholds, process-wide: every contender and op in this run shares them
+        _check_process_env()
+        tune_malloc()
+    except ValueError as e:
+        print(f"recsys-mtl bench: error: {e}", file=sys.stderr)
+        return 2
     if args.workload in ("row-grad-pool", "masked-matmul", "plans"):
         try:
             _run_op_or_plan_bench(args)

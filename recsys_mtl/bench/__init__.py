@@ -23,6 +23,7 @@ from recsys_mtl.bench.report import emit
 from recsys_mtl.bench.runner import median_s, run_contenders
 from recsys_mtl.bench.timing import peak_rss_mb
 from recsys_mtl.bench.workloads import Workload, get_workload, make_batches
+from recsys_mtl.distributed.malloc import tune_malloc
 
 __all__ = ["run_bench", "format_table", "get_workload", "Workload"]
 
@@ -35,6 +36,7 @@ PEERS_FOR_MODEL = {"ple": ("plain_pytorch", "torch_rechub"), "stem": ("plain_pyt
 
 
 def _machine() -> dict:
+    from recsys_mtl.distributed.malloc import malloc_state
     from recsys_mtl.ops import cpu_gemm
 
     cpu, info = platform.processor() or "", {}
@@ -53,6 +55,8 @@ def _machine() -> dict:
         "cpu_model": info.get("model"),
         # Where this process's float32 CPU GEMMs go (the fused expert op; recsys_mtl.ops.cpu_gemm).
         "cpu_gemm": cpu_gemm.backend(),
+        # glibc malloc thresholds of this process (recsys_mtl.distributed.malloc; every contender's).
+        "malloc": malloc_state(),
         "logical_cpus": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -119,6 +123,7 @@ def run_bench(
     bsz = batch_size or w.batch_size
     ours = [VARIANTS[v] for v in dict.fromkeys(variants)]
     names = ours + (list(PEERS_FOR_MODEL[w.model.name]) if peers else [])
+    tune_malloc()  # process-wide, before any contender allocates: all of them train under it
     threads_before = torch.get_num_threads()
     torch.set_num_threads(THREADS)
     try:

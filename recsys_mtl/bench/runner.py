@@ -30,6 +30,7 @@ from recsys_mtl.bench.ours import build_ours, find_ebcs
 from recsys_mtl.bench.profile import profile_groups
 from recsys_mtl.bench.timing import StepTimer
 from recsys_mtl.bench.workloads import Workload
+from recsys_mtl.distributed.malloc import release_free_memory
 from recsys_mtl.types import MTLBatch
 
 
@@ -269,6 +270,7 @@ def _run_sequential(
                 c.cleanup()
                 c.step = c.cleanup = lambda: None  # drop the model, tables and optimizer state
                 gc.collect()
+                release_free_memory()  # the next contender starts from the same heap
             contenders.append(c)
     finally:
         if bar is not None:

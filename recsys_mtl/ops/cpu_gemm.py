@@ -36,7 +36,7 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["ENV", "BACKENDS", "backend", "agree", "force", "use_onednn", "linear", "mm"]
+__all__ = ["ENV", "BACKENDS", "check_env", "backend", "agree", "force", "use_onednn", "linear", "mm"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,15 @@ def _wanted() -> str:
     if want not in BACKENDS:
         raise ValueError(f"{ENV} must be one of {', '.join(BACKENDS)}, got {want!r}")
     return want
+
+
+def check_env() -> str:
+    """``RECSYS_MTL_CPU_GEMM`` (``auto`` when unset), validated; the CLI calls it before any rank starts.
+
+    Raises:
+        ValueError: it is not one of ``auto``, ``onednn``, ``aten``.
+    """
+    return _wanted()
 
 
 def _measures() -> bool:

@@ -33,6 +33,7 @@ from recsys_mtl.data.reader import DataError, count_rows, make_dataloader, steps
 from recsys_mtl.data.interactions import is_interactions, load_training_schema, make_interaction_loader
 from recsys_mtl.data.schema import Schema
 from recsys_mtl.distributed.env import DistEnv, control_group, init_distributed
+from recsys_mtl.distributed.malloc import tune_malloc
 from recsys_mtl.distributed.optim import lr_stages, make_optimizer
 from recsys_mtl.distributed.sharding import plan_summary, shard_model
 from recsys_mtl.analysis import GateRecorder
@@ -295,6 +296,8 @@ def _train(cfg: TrainConfig, env: DistEnv, on_step: Callable[[int, torch.Tensor]
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
 
+    # Freed step buffers stay in the heap instead of faulting back in each step (glibc; process-wide).
+    tune_malloc()
     # Where float32 CPU GEMMs go (oneDNN or MKL; read by the layers when built): rank 0's choice on every rank.
     cpu_gemm.agree()
     # Model on meta, sharded once; dense parts are materialised and initialised by DMP.
