@@ -309,10 +309,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="every N steps: mean training loss and samples/s to the console, metrics.json's "
                         "train_log and TensorBoard (OUT/tensorboard, when installed) (default 10)")
     p.add_argument("--pipeline", choices=["sparse_dist", "base"], default=None)
-    p.add_argument("--compile-head", action="store_true",
+    p.add_argument("--compile-head", action=argparse.BooleanOptionalAction, default=None,
                    help="compile the dense head (everything after the embedding lookups, up to the loss) as one "
-                        "torch.compile graph; the first step compiles; pair models, masked-sharing models and "
-                        "--grad-combiner runs train eagerly and say so (default: eager)")
+                        "torch.compile graph; the first step compiles (10-40 s); pair models, masked-sharing "
+                        "models and --grad-combiner runs train eagerly. --no-compile-head: eager "
+                        "(default: compiled on CPU hosts, eager on CUDA hosts)")
     p.add_argument("--debug", action="store_true",
                    help="print full tracebacks of data/config/checkpoint errors (default: one line per failing "
                         "rank, tracebacks in OUT/logs/)")
@@ -483,8 +484,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         train_kw["shuffle"] = False
     if args.resume_with_new_settings:
         train_kw["resume_with_new_settings"] = True
-    if args.compile_head:
-        train_kw["compile_head"] = True
+    if args.compile_head is not None:
+        train_kw["compile_head"] = args.compile_head
     csrec_kw = {k: getattr(args, "csrec_" + k) for k in _CSREC_FLAGS if getattr(args, "csrec_" + k) is not None}
     if args.csrec_no_contrastive:
         csrec_kw["contrastive_loss"] = False

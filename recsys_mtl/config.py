@@ -390,10 +390,12 @@ class TrainConfig:
             evaluations in a row (None: never).
         compile_head: run the training steps with the dense head compiled: everything after the
             embedding lookups (feature assembly, experts, gates, towers, loss) as one
-            ``torch.compile`` graph, the lookups eager (:mod:`recsys_mtl.train.compiled`). The
-            first step compiles (tens of seconds on a small CPU); evaluation stays eager, and so
-            do the models and runs :func:`recsys_mtl.train.compiled.eager_reason` names (the
-            trainer says so). Not a resume setting: a run may resume with or without it.
+            ``torch.compile`` graph, the lookups eager (:mod:`recsys_mtl.train.compiled`). None
+            (the default): compiled on CPU hosts, where it was measured faster on every workload,
+            eager on CUDA hosts until it is measured there; True / False force it. The first
+            step compiles (10-40 s on a small CPU); evaluation stays eager, and so do the models
+            and runs :func:`recsys_mtl.train.compiled.eager_reason` names (said on stderr when
+            ``True`` asked for it). Not a resume setting: a run may resume with or without it.
     """
 
     data: str
@@ -417,7 +419,7 @@ class TrainConfig:
     resume_with_new_settings: bool = False
     keep_best: str | None = None
     early_stop_patience: int | None = None
-    compile_head: bool = False
+    compile_head: bool | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -454,7 +456,8 @@ class TrainConfig:
                  "early_stop_patience", "a positive integer", self.early_stop_patience)
         _require(self.early_stop_patience is None or self.keep_best is not None, "keep_best",
                  "set with --early-stop-patience (the metric that must improve)", self.keep_best)
-        _require(isinstance(self.compile_head, bool), "compile_head", "true or false", self.compile_head)
+        _require(self.compile_head is None or isinstance(self.compile_head, bool), "compile_head",
+                 "true, false or null (compiled on CPU hosts)", self.compile_head)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

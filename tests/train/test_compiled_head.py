@@ -190,6 +190,23 @@ def test_eager_reason_names_the_runs_that_stay_eager() -> None:
         TrainConfig(data="", output_dir="", compile_head="yes")
 
 
+def test_compiled_by_default_on_cpu_only() -> None:
+    from recsys_mtl.cli import build_parser, config_from_args
+    from recsys_mtl.train.loop import head_compiles
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    base = TrainConfig(data="", output_dir="")
+    assert base.compile_head is None
+    assert head_compiles(base, cpu) and not head_compiles(base, cuda)
+    assert not head_compiles(dataclasses.replace(base, compile_head=False), cpu)
+    assert head_compiles(dataclasses.replace(base, compile_head=True), cuda)
+
+    def flag(*argv: str) -> bool | None:
+        return config_from_args(build_parser().parse_args(["train", "--data", "d", "--output-dir", "o", *argv])).compile_head
+
+    assert flag() is None and flag("--compile-head") is True and flag("--no-compile-head") is False
+
+
 def test_trainer_says_when_the_flag_trains_eagerly(capsys) -> None:
     from recsys_mtl.distributed.env import DistEnv
     from recsys_mtl.train.loop import setup_compiled_head
@@ -201,6 +218,9 @@ def test_trainer_says_when_the_flag_trains_eagerly(capsys) -> None:
     cfg = TrainConfig(data="", output_dir="", compile_head=True, model=ModelConfig(name="sparse_sharing"))
     assert not setup_compiled_head(cfg, tm, env) and tm.compiled_step is None
     assert "--compile-head: training eagerly: sparse_sharing" in capsys.readouterr().err
+    # by default (compile_head None) a model that stays eager says nothing
+    assert not setup_compiled_head(dataclasses.replace(cfg, compile_head=None), tm, env)
+    assert capsys.readouterr().err == ""
     tm = MTLTrainModule(build_model(schema, dataclasses.replace(CFG, name="mmoe")), MultiTaskLoss(schema.tasks))
     assert setup_compiled_head(dataclasses.replace(cfg, model=ModelConfig(name="mmoe")), tm, env)
     assert tm.compiled_step is not None and "compiles at the first" in capsys.readouterr().err
