@@ -202,7 +202,8 @@ def test_compiled_by_default_on_cpu_only() -> None:
     assert head_compiles(dataclasses.replace(base, compile_head=True), cuda)
 
     def flag(*argv: str) -> bool | None:
-        return config_from_args(build_parser().parse_args(["train", "--data", "d", "--output-dir", "o", *argv])).compile_head
+        args = build_parser().parse_args(["train", "--data", "d", "--output-dir", "o", *argv])
+        return config_from_args(args).compile_head
 
     assert flag() is None and flag("--compile-head") is True and flag("--no-compile-head") is False
 
